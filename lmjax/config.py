@@ -1,0 +1,173 @@
+"""Loading, checking and saving ml_collections configs.
+
+Configs are Python files defining `get_config(arg=None)` (big_vision / Flax
+examples style); `--config configs/x.py:arg` passes `arg`, and
+`--config.a.b=value` overrides one field. The ConfigDict is locked, so a typo
+fails, and `check_overrides` makes that failure name the valid keys before
+absl's parser gets a chance to print a traceback.
+"""
+import importlib.util
+import json
+import os
+import re
+from typing import Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file or override that cannot be used."""
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` and returns its `get_config(arg)`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location('_lmjax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config()')
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _valid_keys(node) -> str:
+  return ', '.join(sorted(node.keys()))
+
+
+def check_key_path(config: ml_collections.ConfigDict, dotted: str) -> None:
+  """Raises ConfigError naming the valid keys if `a.b.c` is not in `config`."""
+  node, walked = config, []
+  for key in dotted.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+      where = '.'.join(walked) or 'the config root'
+      valid = _valid_keys(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else (
+          f'none: {".".join(walked)} is a value, not a section')
+      raise ConfigError(f'unknown config key {dotted!r}: {key!r} is not in {where}; '
+                        f'valid keys there: {valid}')
+    node = node[key]
+    walked.append(key)
+
+
+_OVERRIDE = re.compile(r'^--?config\.([^=]+)(=.*)?$')
+
+
+def config_spec_from_argv(argv: Sequence[str], flag: str = 'config') -> str | None:
+  for i, arg in enumerate(argv):
+    for prefix in (f'--{flag}=', f'-{flag}='):
+      if arg.startswith(prefix):
+        return arg[len(prefix):]
+    if arg in (f'--{flag}', f'-{flag}') and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+  """Checks every `--config.a.b[=v]` in argv against the config file's keys."""
+  spec = config_spec_from_argv(argv)
+  overrides = [m.group(1) for m in map(_OVERRIDE.match, argv) if m]
+  if spec is None or not overrides:
+    return
+  config = load_config_file(spec)
+  for dotted in overrides:
+    check_key_path(config, dotted)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text_or_dict) -> ml_collections.ConfigDict:
+  """A config saved by `to_json` (as text, or already parsed)."""
+  data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
+  return ml_collections.ConfigDict(data)
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> str:
+  path = os.path.join(workdir, 'config.json')
+  with open(path, 'w') as f:
+    f.write(to_json(config) + '\n')
+  return path
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key lmjax knows, with its default. Config files start from this."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, dropout and data order.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'python_stdlib'  # tfds corpus name ('python_stdlib' is embedded), or 'files'.
+  c.data.text_key = 'text'  # Text feature of the tfds corpus.
+  c.data.data_dir = ''  # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data.manual_dir = ''  # Local copies of a tfds corpus' downloads, to build it offline.
+  c.data.train_split = 'train'  # Split (tfds split syntax) to train on.
+  c.data.eval_split = 'validation'  # Split to evaluate on.
+  c.data.files = ''  # With name='files': glob of the training text files.
+  c.data.eval_files = ''  # With name='files': glob of evaluation files ('' = carve from files).
+  c.data.eval_fraction = 0.1  # With name='files' and no eval_files: share held out.
+  c.data.seq_len = 128  # Tokens per training example (the context length).
+  c.data.append_eos = True  # Append the end-of-document token to every document.
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = 'bytes'  # 'bytes', 'chars' or 'sentencepiece'.
+  c.tokenizer.model_file = ''  # sentencepiece: a given .model ('' = train one on train_split).
+  c.tokenizer.vocab_size = 4096  # sentencepiece: vocabulary size to train.
+  c.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'.
+  c.tokenizer.sample_chars = 10_000_000  # sentencepiece: characters of training text to learn from.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = 'transformer'  # Model family (see lmjax.models.FAMILIES).
+  c.model.num_layers = 4  # Transformer blocks.
+  c.model.num_heads = 4  # Attention heads.
+  c.model.embed_dim = 128  # Residual stream width.
+  c.model.mlp_dim = 0  # MLP hidden width (0 = 4 * embed_dim, or 8/3 * embed_dim for swiglu).
+  c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'.
+  c.model.positions = 'learned'  # 'learned' or 'rope'.
+  c.model.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'.
+  c.model.dropout = 0.0  # Dropout on embeddings and residual branches.
+  c.model.tie_embeddings = True  # Share the input embedding with the output projection.
+  c.model.vocab_multiple = 1  # Pad the vocabulary to a multiple of this (e.g. 128 on TPU).
+  c.model.dtype = 'float32'  # Compute dtype ('bfloat16' for mixed precision).
+  c.model.param_dtype = 'float32'  # Parameter storage dtype.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'  # 'adamw', 'adam', 'sgd', 'rmsprop' or 'adafactor'.
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  c.optimizer.schedule = 'cosine'  # 'constant', 'linear', 'cosine' or 'rsqrt'.
+  c.optimizer.warmup_steps = 100  # Linear warm-up from 0 to the peak.
+  c.optimizer.min_learning_rate = 1e-4  # End of linear/cosine decay.
+  c.optimizer.b1 = 0.9  # Adam(W) beta1.
+  c.optimizer.b2 = 0.99  # Adam(W) beta2; RMSprop decay.
+  c.optimizer.eps = 1e-8  # Adam(W)/RMSprop epsilon.
+  c.optimizer.momentum = 0.9  # SGD/RMSprop momentum (0 = none).
+  c.optimizer.nesterov = False  # SGD: Nesterov momentum.
+  c.optimizer.weight_decay = 0.1  # Decoupled for adamw/adafactor, L2 otherwise; skips norms and biases.
+  c.optimizer.grad_clip = 1.0  # Global-norm clipping (0 = off).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # Global batch size (all hosts and devices).
+  c.train.num_steps = 1000  # Optimizer steps.
+  c.train.log_every = 50  # Steps between progress lines and metric records.
+  c.train.eval_every = 250  # Steps between evaluations (0 = only at the end).
+  c.train.eval_batches = 50  # Batches per periodic evaluation (-1 = whole split).
+  c.train.final_eval_batches = -1  # Batches for the final evaluation (-1 = whole split).
+  c.train.eval_batch_size = 32  # Global batch size for evaluation.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500  # Steps between checkpoints (a final one is always saved).
+  c.checkpoint.keep = 3  # Most recent checkpoints kept.
+  c.checkpoint.async_save = True  # Save in the background while training goes on.
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = ''  # Printed at the end of training ('' = start of a document).
+  c.sample.max_new_tokens = 200  # Tokens generated.
+  c.sample.temperature = 0.8  # Softmax temperature (0 = greedy).
+  c.sample.top_k = 40  # Sample from the k most likely tokens (0 = all).
+  c.sample.seed = 0  # Sampling seed.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis size (-1 = the remaining devices).
+  c.mesh.fsdp = 1  # Parameter/optimizer sharding axis size.
+  c.mesh.tensor = 1  # Tensor-parallel axis size (heads, MLP width).
+  return c

@@ -1,0 +1,220 @@
+"""Text corpora as tf.data datasets of documents (scalar tf.string).
+
+Three sources, one interface (`documents(data_config, split)`):
+  * `python_stdlib`: the embedded default corpus, a real TFDS dataset built
+    from the installed Python standard library's `.py` sources (no download);
+  * any named tfds text corpus (`tiny_shakespeare`, `lm1b`, ...), read from the
+    tfds data_dir and, when given `manual_dir`, built offline from local files;
+  * `files`: the user's own UTF-8 text files by glob, one document per file.
+"""
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+
+try:  # tfds 4.9 imports importlib_resources without declaring it (Python >= 3.9).
+  import importlib_resources  # noqa: F401
+except ImportError:  # pragma: no cover - the dependency is declared in pyproject.
+  import importlib.resources
+  import importlib.resources.abc  # noqa: F401
+  sys.modules['importlib_resources'] = importlib.resources
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# tf.data only feeds the host; never let TensorFlow claim an accelerator.
+tf.config.set_visible_devices([], 'GPU')
+tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+
+
+class CorpusError(ValueError):
+  """A corpus that cannot be read: missing, empty, binary or not UTF-8."""
+
+
+# ----------------------------------------------------------------------------
+# The embedded corpus.
+
+_STDLIB_SKIP_DIRS = frozenset({
+    '__pycache__', 'site-packages', 'dist-packages', 'test', 'tests', 'idlelib',
+    'lib2to3', 'turtledemo', 'ensurepip', 'pydoc_data', 'tkinter'})
+_SPLIT_FRACTIONS = (('validation', 0.05), ('test', 0.05))  # The rest is train.
+
+
+def split_of(key: str) -> str:
+  """Deterministic split of a document id: stable across runs and machines."""
+  bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'big') / 2.0**64
+  for name, fraction in _SPLIT_FRACTIONS:
+    if bucket < fraction:
+      return name
+    bucket -= fraction
+  return 'train'
+
+
+def stdlib_sources() -> list[tuple[str, str]]:
+  """(relative path, absolute path) of the stdlib's .py files, sorted."""
+  root = sysconfig.get_paths()['stdlib']
+  found = []
+  for directory, subdirs, files in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs
+                        if d not in _STDLIB_SKIP_DIRS and not d.startswith('config-'))
+    for name in sorted(files):
+      if name.endswith('.py'):
+        path = os.path.join(directory, name)
+        found.append((os.path.relpath(path, root), path))
+  return sorted(found)
+
+
+class PythonStdlib(tfds.core.GeneratorBasedBuilder):
+  """The installed Python standard library's sources, one document per file.
+
+  Embedded in every Python installation, so lmjax's default run needs no
+  download. Splits (train 90% / validation 5% / test 5%) are chosen by hashing
+  each file's path relative to the stdlib root.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  # One config per Python version: each has its own standard library.
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+      name=f'py{sys.version_info.major}{sys.version_info.minor}',
+      description=f'Standard library of Python {sys.version_info.major}.'
+                  f'{sys.version_info.minor}')]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'text': tfds.features.Text(),
+            'path': tfds.features.Text(),
+        }),
+        homepage='https://docs.python.org/3/library/',
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    by_split = {'train': [], 'validation': [], 'test': []}
+    for relative, path in stdlib_sources():
+      by_split[split_of(relative)].append((relative, path))
+    return {name: self._generate_examples(files) for name, files in by_split.items()}
+
+  def _generate_examples(self, files):
+    for relative, path in files:
+      with open(path, 'rb') as f:
+        raw = f.read()
+      try:
+        text = raw.decode('utf-8')
+      except UnicodeDecodeError:
+        continue  # A handful of legacy-encoded files; not worth guessing.
+      if text.strip():
+        yield relative, {'text': text, 'path': relative}
+
+
+# ----------------------------------------------------------------------------
+# Named tfds corpora.
+
+def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
+  data_dir = data_config.data_dir or None
+  builder = tfds.builder(data_config.name, data_dir=data_dir)
+  if not builder.is_prepared():
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=data_config.manual_dir or None, try_download_gcs=False)
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except Exception as error:  # tfds raises many kinds; add what to do.
+      raise CorpusError(
+          f'tfds corpus {data_config.name!r} is not prepared in {builder.data_dir!r} and '
+          f'could not be built ({type(error).__name__}: {error}). Prepare it on a machine '
+          'with network access, or put its source files in a directory and pass '
+          '--config.data.manual_dir=DIR to build it offline.') from error
+  features = builder.info.features
+  if data_config.text_key not in features:
+    raise CorpusError(f'tfds corpus {data_config.name!r} has no feature '
+                      f'{data_config.text_key!r}; its features: {", ".join(features)}')
+  dataset = tfds.load(data_config.name, split=split, data_dir=data_dir, download=False,
+                      shuffle_files=False)
+  key = data_config.text_key
+  return dataset.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=True)
+
+
+# ----------------------------------------------------------------------------
+# Local files.
+
+def check_text_file(path: str) -> None:
+  """Raises CorpusError if `path` is empty, binary or not UTF-8."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if not raw.strip():
+    raise CorpusError(f'{path}: file is empty (no text to train on)')
+  nul = raw.find(b'\x00')
+  if nul >= 0:
+    raise CorpusError(f'{path}: looks binary (NUL byte at offset {nul}); expected UTF-8 text')
+  try:
+    raw.decode('utf-8')
+  except UnicodeDecodeError as error:
+    raise CorpusError(f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason})') from None
+
+
+def _glob(pattern: str, what: str) -> list[str]:
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise CorpusError(f'{what}={pattern!r} matched no file')
+  return paths
+
+
+def local_files(data_config, split: str) -> list[str]:
+  """The files of `split`: eval_files if given, else a hash split of files.
+
+  With a single file and no eval_files, the split happens inside the text
+  instead (see `documents`).
+  """
+  if not data_config.files:
+    raise CorpusError("data.name='files' needs data.files, a glob of text files")
+  train = _glob(data_config.files, 'data.files')
+  if data_config.eval_files:
+    paths = train if split == data_config.train_split else _glob(
+        data_config.eval_files, 'data.eval_files')
+  elif len(train) == 1:
+    paths = train
+  else:
+    held_out = [p for p in train if _file_bucket(p) < data_config.eval_fraction]
+    if not held_out:  # Always hold out at least one file.
+      held_out = [min(train, key=_file_bucket)]
+    is_eval = split != data_config.train_split
+    paths = [p for p in train if (p in held_out) == is_eval]
+  for path in paths:
+    check_text_file(path)
+  return paths
+
+
+def _file_bucket(path: str) -> float:
+  digest = hashlib.sha256(os.path.basename(path).encode()).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64
+
+
+def _split_single_text(text: tf.Tensor, fraction: float, take_tail: bool) -> tf.Tensor:
+  """Cuts one document at a line boundary: the tail `fraction` is held out."""
+  def cut(raw: bytes) -> bytes:
+    point = int(len(raw) * (1.0 - fraction))
+    newline = raw.rfind(b'\n', 0, point)
+    point = newline + 1 if newline > 0 else point
+    return raw[point:] if take_tail else raw[:point]
+  return tf.numpy_function(cut, [text], tf.string, stateful=False)
+
+
+def _files_documents(data_config, split: str) -> tf.data.Dataset:
+  paths = local_files(data_config, split)
+  dataset = tf.data.Dataset.from_tensor_slices(paths).map(tf.io.read_file)
+  if len(paths) == 1 and not data_config.eval_files:
+    take_tail = split != data_config.train_split
+    dataset = dataset.map(
+        lambda text: tf.reshape(_split_single_text(text, data_config.eval_fraction, take_tail), []))
+  return dataset
+
+
+def documents(data_config, split: str) -> tf.data.Dataset:
+  """A deterministic tf.data dataset of the split's documents (tf.string)."""
+  if data_config.name == 'files':
+    return _files_documents(data_config, split)
+  return _tfds_documents(data_config, split)

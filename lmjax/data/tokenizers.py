@@ -1,0 +1,262 @@
+"""Tokenizers: bytes, characters and sentencepiece.
+
+Each tokenizer is fully described by `to_json()` (the sentencepiece model is
+embedded), which lmjax saves in the workdir and inside every checkpoint, so
+evaluation and sampling need nothing else. `fingerprint()` names it compactly
+(kind, vocabulary size, hash of its content) for mismatch checks.
+"""
+import base64
+import hashlib
+import io
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece
+
+
+class TokenizerError(ValueError):
+  """A tokenizer that cannot be built, loaded or used."""
+
+
+class Tokenizer:
+  """Interface: text <-> int32 token ids; `eos_id` ends every document."""
+
+  kind: str
+  vocab_size: int
+  eos_id: int
+
+  def encode(self, text: str) -> np.ndarray:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [self.encode(text) for text in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    raise NotImplementedError
+
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each token stands for ([vocab_size] int32); 0 for specials."""
+    raise NotImplementedError
+
+  def to_json(self) -> dict:
+    raise NotImplementedError
+
+  def fingerprint(self) -> dict:
+    content = json.dumps(self.to_json(), sort_keys=True).encode()
+    return {'kind': self.kind, 'vocab_size': self.vocab_size,
+            'sha256': hashlib.sha256(content).hexdigest()[:16]}
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes 0..255, and 256 as the end-of-document token."""
+
+  kind = 'bytes'
+  vocab_size = 257
+  eos_id = 256
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode('utf-8', errors='replace')
+
+  def token_bytes(self) -> np.ndarray:
+    sizes = np.ones(self.vocab_size, np.int32)
+    sizes[self.eos_id] = 0
+    return sizes
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind}
+
+
+class CharTokenizer(Tokenizer):
+  """Unicode characters seen in the training split; <eos>=0, <unk>=1."""
+
+  kind = 'chars'
+  eos_id = 0
+  unk_id = 1
+  _SPECIALS = 2
+
+  def __init__(self, chars: Sequence[str]):
+    self.chars = sorted(set(chars))
+    self.vocab_size = len(self.chars) + self._SPECIALS
+    self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)
+
+  @classmethod
+  def build(cls, texts: Iterable[str]) -> 'CharTokenizer':
+    seen = set()
+    for text in texts:
+      seen.update(text)
+    if not seen:
+      raise TokenizerError('cannot build a character vocabulary: the training split has no text')
+    return cls(sorted(seen))
+
+  def encode(self, text: str) -> np.ndarray:
+    codepoints = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32).astype(np.int64)
+    index = np.searchsorted(self._codepoints, codepoints)
+    index = np.minimum(index, len(self._codepoints) - 1)
+    known = self._codepoints[index] == codepoints
+    return np.where(known, index + self._SPECIALS, self.unk_id).astype(np.int32)
+
+  def unknown_chars(self, text: str) -> list[str]:
+    """Characters of `text` outside the vocabulary, in order of appearance."""
+    known = set(self.chars)
+    return list(dict.fromkeys(c for c in text if c not in known))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    pieces = []
+    for i in ids:
+      i = int(i)
+      if i >= self._SPECIALS and i < self.vocab_size:
+        pieces.append(self.chars[i - self._SPECIALS])
+      elif i == self.unk_id:
+        pieces.append('\ufffd')
+    return ''.join(pieces)
+
+  def token_bytes(self) -> np.ndarray:
+    sizes = [0] * self._SPECIALS + [len(c.encode('utf-8')) for c in self.chars]
+    return np.array(sizes, np.int32)
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind, 'chars': ''.join(self.chars)}
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model (BPE or unigram), with byte fallback when trained here."""
+
+  kind = 'sentencepiece'
+
+  def __init__(self, model_proto: bytes):
+    self.model_proto = model_proto
+    self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._processor.get_piece_size()
+    self.eos_id = self._processor.eos_id()
+    if self.eos_id < 0:
+      raise TokenizerError('the sentencepiece model has no end-of-sentence piece (eos_id < 0)')
+
+  @classmethod
+  def load(cls, path: str) -> 'SentencePieceTokenizer':
+    if not os.path.isfile(path):
+      raise TokenizerError(f'sentencepiece model {path!r} does not exist')
+    with open(path, 'rb') as f:
+      proto = f.read()
+    try:
+      return cls(proto)
+    except (RuntimeError, OSError) as error:
+      raise TokenizerError(f'{path}: not a sentencepiece model ({error})') from None
+
+  @classmethod
+  def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = 'bpe',
+            sample_chars: int = 10_000_000) -> 'SentencePieceTokenizer':
+    """Trains on up to `sample_chars` characters of `texts`, kept verbatim.
+
+    Text is not normalised (identity rule) and whitespace is kept, so code and
+    verse round-trip exactly; newlines are a piece of their own and unseen
+    characters fall back to bytes.
+    """
+    lines, taken = [], 0
+    for text in texts:
+      for line in text.split('\n'):
+        if line:
+          lines.append(line[:4096])
+          taken += len(line)
+      if taken >= sample_chars:
+        break
+    if not lines:
+      raise TokenizerError('cannot train sentencepiece: the training split has no text')
+    model = io.BytesIO()
+    try:
+      sentencepiece.SentencePieceTrainer.train(
+          sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+          model_type=model_type, character_coverage=1.0, byte_fallback=True,
+          normalization_rule_name='identity', remove_extra_whitespaces=False,
+          allow_whitespace_only_pieces=True, split_digits=True,
+          user_defined_symbols=['\n', '\t'], max_sentence_length=16384,
+          input_sentence_size=0, num_threads=os.cpu_count() or 1,
+          unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, minloglevel=2)
+    except RuntimeError as error:
+      raise TokenizerError(f'sentencepiece training failed with vocab_size={vocab_size} on '
+                           f'{taken} characters: {error}') from None
+    return cls(model.getvalue())
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.array(self._processor.encode(text), dtype=np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    encoded = self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)
+    return [np.array(ids, dtype=np.int32) for ids in encoded]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._processor.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def token_bytes(self) -> np.ndarray:
+    sizes = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if self._processor.is_control(i) or self._processor.is_unknown(i):
+        continue
+      if self._processor.is_byte(i):
+        sizes[i] = 1
+      else:
+        sizes[i] = len(self._processor.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
+    return sizes
+
+  def save(self, path: str) -> None:
+    with open(path, 'wb') as f:
+      f.write(self.model_proto)
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind, 'model': base64.b64encode(self.model_proto).decode('ascii')}
+
+
+def from_json(data: dict) -> Tokenizer:
+  kind = data.get('kind')
+  if kind == 'bytes':
+    return ByteTokenizer()
+  if kind == 'chars':
+    return CharTokenizer(list(data['chars']))
+  if kind == 'sentencepiece':
+    return SentencePieceTokenizer(base64.b64decode(data['model']))
+  raise TokenizerError(f'unknown tokenizer kind {kind!r}; expected bytes, chars or sentencepiece')
+
+
+KINDS = ('bytes', 'chars', 'sentencepiece')
+
+
+def build(tokenizer_config, train_texts) -> Tokenizer:
+  """Builds the configured tokenizer; `train_texts()` iterates the training split."""
+  kind = tokenizer_config.kind
+  if kind == 'bytes':
+    return ByteTokenizer()
+  if kind == 'chars':
+    return CharTokenizer.build(train_texts())
+  if kind == 'sentencepiece':
+    if tokenizer_config.model_file:
+      return SentencePieceTokenizer.load(tokenizer_config.model_file)
+    return SentencePieceTokenizer.train(train_texts(), tokenizer_config.vocab_size,
+                                        tokenizer_config.model_type,
+                                        tokenizer_config.sample_chars)
+  raise TokenizerError(f'unknown tokenizer.kind {kind!r}; expected one of {", ".join(KINDS)}')
+
+
+TOKENIZER_FILE = 'tokenizer.json'
+
+
+def for_run(tokenizer_config, workdir: str, train_texts) -> Tokenizer:
+  """The run's tokenizer: the workdir's saved one, or a new one saved there."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      tokenizer = from_json(json.load(f))
+    if tokenizer.kind != tokenizer_config.kind:
+      raise TokenizerError(f'{path} holds a {tokenizer.kind!r} tokenizer but the config asks '
+                           f'for {tokenizer_config.kind!r}; use another workdir')
+    return tokenizer
+  tokenizer = build(tokenizer_config, train_texts)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(tokenizer.to_json(), f)
+  os.replace(path + '.tmp', path)
+  if isinstance(tokenizer, SentencePieceTokenizer):  # For other tools' convenience.
+    tokenizer.save(os.path.join(workdir, 'tokenizer.model'))
+  return tokenizer

@@ -1,0 +1,33 @@
+"""Evaluation: loss, perplexity, bits per byte and token accuracy over a split."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import metrics as metrics_lib
+from lmjax import sharding
+from lmjax import steps
+from lmjax.data import pipeline
+
+
+def make_eval_fn(model, tokenizer, param_shardings, mesh):
+  """A jitted eval step for `model`: (params, batch) -> metric sums."""
+  token_bytes = np.zeros(model.vocab_size, np.int32)
+  token_bytes[:tokenizer.vocab_size] = tokenizer.token_bytes()
+  step = functools.partial(steps.eval_step, model=model, token_bytes=jnp.asarray(token_bytes))
+  return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_size: int,
+             mesh, max_batches: int = -1) -> dict:
+  """Metrics over the split (or its first `max_batches` batches), every token once."""
+  totals = None
+  batches = pipeline.eval_batches(stream, seq_len, batch_size, max_batches,
+                                  jax.process_index(), jax.process_count())
+  with sharding.rules_and_mesh(mesh):
+    for local in batches:
+      sums = eval_fn(params, sharding.make_global_batch(local, mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return metrics_lib.summarize(jax.device_get(totals))

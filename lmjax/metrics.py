@@ -1,0 +1,84 @@
+"""Metric records (JSON lines + TensorBoard), FLOP counts and the matmul peak."""
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class MetricWriter:
+  """Appends `{"step": s, name: value, ...}` lines to WORKDIR/metrics.jsonl and
+  writes the same scalars to TensorBoard (WORKDIR/tensorboard). Only the
+  process that is given `enabled=True` (process 0) writes."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._summary = None
+    if enabled:
+      import tensorflow as tf  # tf.summary; TensorFlow is already loaded for tf.data.
+      self._tf = tf
+      self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    with self._summary.as_default(step=int(step)):
+      for name, value in scalars.items():
+        self._tf.summary.scalar(name, float(value))
+
+  def close(self) -> None:
+    if self._summary is not None:
+      self._summary.flush()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(sums: dict) -> dict:
+  """Metric sums -> loss, perplexity, accuracy (and bits per byte if bytes were counted)."""
+  weight = max(float(sums['weight_sum']), 1.0)
+  loss = float(sums['loss_sum']) / weight
+  result = {'loss': loss, 'perplexity': math.exp(min(loss, 80.0)),
+            'accuracy': float(sums['correct_sum']) / weight, 'tokens': float(sums['weight_sum'])}
+  if 'byte_sum' in sums:
+    num_bytes = max(float(sums['byte_sum']), 1.0)
+    result['bits_per_byte'] = float(sums['loss_sum']) / math.log(2.0) / num_bytes
+    result['bytes'] = float(sums['byte_sum'])
+  return result
+
+
+def flops_per_token(model, num_params: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters + causal attention (PaLM's count).
+
+  The learned position table is a lookup, not a matmul, so it is left out.
+  """
+  matmul_params = num_params - (model.max_len * model.embed_dim
+                                if getattr(model, 'positions', '') == 'learned' else 0)
+  attention = 12 * model.num_layers * model.max_len * model.embed_dim
+  return 6.0 * matmul_params + attention
+
+
+def measure_peak_flops(size: int = 2048, repeats: int = 8) -> float:
+  """Peak f32 FLOP/s of this process' devices, from a large jitted matmul on each."""
+  devices = jax.local_devices()
+  matmul = jax.jit(lambda a, b: a @ b)
+  best = 0.0
+  operands = [jax.device_put(jnp.ones((size, size), jnp.float32), d) for d in devices]
+  for _ in range(2):  # The first round compiles and warms up.
+    start = time.perf_counter()
+    for _ in range(repeats):
+      outputs = [matmul(x, x) for x in operands]
+    jax.block_until_ready(outputs)
+    elapsed = time.perf_counter() - start
+    best = max(best, 2.0 * size**3 * repeats * len(devices) / elapsed)
+  return best

@@ -1,0 +1,110 @@
+"""Building blocks shared by every model family.
+
+Every parameter carries logical axis names (see lmjax.sharding) and every
+module keeps `dtype` (compute) apart from `param_dtype` (storage).
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+  kind: str = 'layernorm'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale_init = partitioned(nn.initializers.ones, ('embed',))
+    if self.kind == 'layernorm':
+      norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                          scale_init=scale_init,
+                          bias_init=partitioned(nn.initializers.zeros, ('embed',)))
+    elif self.kind == 'rmsnorm':
+      norm = nn.RMSNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                        scale_init=scale_init)
+    else:
+      raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
+    return norm(x)
+
+
+def rope(x, positions, base: float = 10_000.0):
+  """Rotary position embedding of [batch, length, heads, head_dim] at positions [batch, length]."""
+  head_dim = x.shape[-1]
+  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inverse_frequency = base ** -fraction  # [head_dim / 2]
+  angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # [batch, length, half]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention with one fused QKV projection."""
+  num_heads: int
+  use_rope: bool = False
+  out_init_scale: float = 1.0  # Residual projections are scaled down by depth.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):  # x: [batch, length, embed]
+    embed_dim = x.shape[-1]
+    if embed_dim % self.num_heads:
+      raise ValueError(f'model.embed_dim={embed_dim} is not divisible by '
+                       f'model.num_heads={self.num_heads}')
+    head_dim = embed_dim // self.num_heads
+    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    qkv = dense(features=(3, self.num_heads, head_dim), name='qkv',
+                kernel_init=partitioned(default_init, ('embed', 'qkv', 'heads', 'kv')))(x)
+    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, kv]
+    if self.use_rope:
+      query, key = rope(query, positions), rope(key, positions)
+    out = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
+    out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
+    return dense(features=embed_dim, axis=(-2, -1), name='out',
+                 kernel_init=partitioned(out_init, ('heads', 'kv', 'embed')))(out)
+
+
+class Mlp(nn.Module):
+  """GELU MLP, or SwiGLU with fused gate and up projections."""
+  hidden_dim: int
+  kind: str = 'gelu'
+  out_init_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [batch, length, embed]
+    embed_dim = x.shape[-1]
+    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    if self.kind == 'gelu':
+      hidden = dense(features=self.hidden_dim, name='up',
+                     kernel_init=partitioned(default_init, ('embed', 'mlp')))(x)
+      hidden = nn.gelu(hidden, approximate=True)
+    elif self.kind == 'swiglu':
+      gate_up = dense(features=(2, self.hidden_dim), name='gate_up',
+                      kernel_init=partitioned(default_init, ('embed', 'qkv', 'mlp')))(x)
+      hidden = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    else:
+      raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.kind!r}")
+    hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
+    out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
+    return dense(features=embed_dim, name='down',
+                 kernel_init=partitioned(out_init, ('mlp', 'embed')))(hidden)

@@ -1,0 +1,94 @@
+"""Decoder-only Transformer language model (pre-norm, causal)."""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lmjax.models import layers
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+  num_heads: int
+  mlp_dim: int
+  mlp: str
+  norm: str
+  use_rope: bool
+  dropout: float
+  out_init_scale: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, positions, deterministic: bool):  # [batch, length, embed]
+    kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attention = layers.CausalSelfAttention(self.num_heads, use_rope=self.use_rope,
+                                           out_init_scale=self.out_init_scale, name='attention',
+                                           **kinds)
+    h = attention(layers.Norm(self.norm, name='attention_norm', **kinds)(x), positions)
+    x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    mlp = layers.Mlp(self.mlp_dim, kind=self.mlp, out_init_scale=self.out_init_scale,
+                     name='mlp', **kinds)
+    h = mlp(layers.Norm(self.norm, name='mlp_norm', **kinds)(x))
+    x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+class TransformerLM(nn.Module):
+  """Token ids [batch, length] -> next-token logits [batch, length, vocab]."""
+  vocab_size: int
+  max_len: int
+  num_layers: int = 4
+  num_heads: int = 4
+  embed_dim: int = 128
+  mlp_dim: int = 0
+  mlp: str = 'gelu'
+  positions: str = 'learned'
+  norm: str = 'layernorm'
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def hidden_dim(self) -> int:
+    if self.mlp_dim:
+      return self.mlp_dim
+    if self.mlp == 'swiglu':  # Same parameter count as a 4x GELU MLP.
+      return int(8 * self.embed_dim / 3 + 63) // 64 * 64
+    return 4 * self.embed_dim
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, deterministic: bool = True):
+    if self.positions not in ('learned', 'rope'):
+      raise ValueError(f"model.positions must be 'learned' or 'rope', got {self.positions!r}")
+    batch, length = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='embed',
+                     embedding_init=layers.partitioned(layers.default_init, ('vocab', 'embed')))
+    x = embed(tokens)  # [batch, length, embed]
+    if self.positions == 'learned':
+      position_table = nn.Embed(
+          self.max_len, self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+          name='position_embed',
+          embedding_init=layers.partitioned(layers.default_init, ('length', 'embed')))
+      x = x + position_table(positions)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    for i in range(self.num_layers):
+      x = Block(num_heads=self.num_heads, mlp_dim=self.hidden_dim(), mlp=self.mlp,
+                norm=self.norm, use_rope=self.positions == 'rope', dropout=self.dropout,
+                out_init_scale=1.0 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f'block_{i}')(x, positions, deterministic)
+    x = layers.Norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name='final_norm')(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.DenseGeneral(self.vocab_size, use_bias=False, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name='unembed',
+                               kernel_init=layers.partitioned(layers.default_init,
+                                                              ('embed', 'vocab')))(x)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
