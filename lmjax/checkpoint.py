@@ -32,7 +32,9 @@ def manager(workdir: str, checkpoint_config=None, read_only: bool = False) -> oc
       max_to_keep=checkpoint_config.keep if checkpoint_config else None,
       enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
       create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(directory(workdir), options=options, item_names=ITEMS)
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'tokenizer': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory(workdir), options=options, item_handlers=handlers)
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, config_json: dict,

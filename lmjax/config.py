@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_key = 'text'  # Text feature of the tfds corpus.
   c.data.data_dir = ''  # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.data.manual_dir = ''  # Local copies of a tfds corpus' downloads, to build it offline.
+  c.data.download = True  # Let tfds download a corpus that is not prepared (False = fail at once).
   c.data.train_split = 'train'  # Split (tfds split syntax) to train on.
   c.data.eval_split = 'validation'  # Split to evaluate on.
   c.data.files = ''  # With name='files': glob of the training text files.
@@ -147,7 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # Global batch size (all hosts and devices).
-  c.train.num_steps = 1000  # Optimizer steps.
+  c.train.num_steps = 1000  # Optimizer steps (the schedule's length).
+  c.train.stop_at = 0  # Stop with a checkpoint at this step, to resume later (0 = num_steps).
   c.train.log_every = 50  # Steps between progress lines and metric records.
   c.train.eval_every = 250  # Steps between evaluations (0 = only at the end).
   c.train.eval_batches = 50  # Batches per periodic evaluation (-1 = whole split).

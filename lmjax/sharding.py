@@ -57,7 +57,7 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 @contextlib.contextmanager
 def rules_and_mesh(mesh: Mesh):
   """Context in which models' logical constraints resolve onto `mesh`."""
-  with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     yield
 
 

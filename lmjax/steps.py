@@ -37,7 +37,7 @@ def train_step(state, batch, rng, *, model, schedule, deterministic: bool):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, sums), grads = grad_fn(state.params, model, batch, rng, deterministic)
   new_state = state.apply_gradients(grads)
-  metrics = dict(sums, grad_norm=optax.global_norm(grads),
+  metrics = dict(sums, grad_norm=optax.tree.norm(grads),
                  learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
   return new_state, metrics
 

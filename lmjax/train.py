@@ -146,9 +146,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        tokens_per_step, metrics_lib.measure_peak_flops())
   batches = pipeline.train_batches(train_stream, seq_len, batch_size, config.seed, start_step,
                                    jax.process_index(), jax.process_count())
+  last_step = min(num_steps, config.train.stop_at or num_steps)
   run_start = time.perf_counter()
   steps_in_window = 0
-  for step in range(start_step, num_steps):
+  for step in range(start_step, last_step):
     batch = sharding.make_global_batch(next(batches), mesh)
     with sharding.rules_and_mesh(mesh):
       state, step_metrics = train_step(state, batch, dropout_rng)
@@ -161,7 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
            f'{time.perf_counter() - run_start:.1f}s')
       progress.throughput(0)
       steps_in_window = 0
-    is_last = done == num_steps
+    is_last = done == last_step
     record = {}
     if done % config.train.log_every == 0 or is_last:
       fetched = progress.fetch(keep_last=not is_last)
@@ -172,7 +173,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        'train/grad_norm': fetched['grad_norm'],
                        'train/learning_rate': fetched['learning_rate']})
       record.update({f'perf/{k}': v for k, v in speed.items()})
-      eta = speed.get('step_ms', 0.0) * (num_steps - done) / 1e3
+      eta = speed.get('step_ms', 0.0) * (last_step - done) / 1e3
       if fetched:
         _log(f'step {done}/{num_steps} | loss {fetched["loss"]:.4f} | lr '
              f'{fetched["learning_rate"]:.2e} | {speed.get("tokens_per_sec", 0):,.0f} tok/s | '

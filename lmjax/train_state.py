@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from lmjax import sharding
 
@@ -38,7 +39,7 @@ def make_schedule(opt, num_steps: int) -> optax.Schedule:
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
   elif opt.schedule == 'rsqrt':
     scale = max(1, warmup)
-    after = lambda count: peak * jnp.sqrt(scale / (count + scale))
+    after = lambda count: peak * jnp.sqrt(scale / (jnp.maximum(count, 0) + scale))
   else:
     raise ValueError(f'unknown optimizer.schedule {opt.schedule!r}; known: {", ".join(SCHEDULES)}')
   if warmup == 0:
@@ -77,22 +78,47 @@ def make_optimizer(opt, num_steps: int) -> tuple[optax.GradientTransformation, o
 
 def _init_fn(model, tx, sample_tokens) -> Callable:
   def init(rng):
-    variables = model.init({'params': rng}, sample_tokens)
-    params = variables['params']
+    params = nn.unbox(model.init({'params': rng}, sample_tokens)['params'])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), tx=tx)
   return init
 
 
+def _specs_like_params(opt_state, params, param_specs):
+  """Optimizer-state leaves shaped like a parameter (Adam's moments, ...) take its
+  logical spec, matched by path suffix and shape; the rest (counts, Adafactor's
+  factored moments) are replicated."""
+  by_path = {}
+  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree.leaves(param_specs, is_leaf=_is_spec)):
+    by_path[tuple(path)] = (leaf.shape, spec)
+
+  def spec_of(path, leaf):
+    for start in range(len(path)):
+      shape_and_spec = by_path.get(tuple(path[start:]))
+      if shape_and_spec and shape_and_spec[0] == leaf.shape:
+        return shape_and_spec[1]
+    return PartitionSpec()
+  return jax.tree_util.tree_map_with_path(spec_of, opt_state)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
 def abstract_state(model, tx, seq_len: int, mesh):
-  """(abstract unboxed state, its NamedShardings), without allocating anything."""
+  """(abstract state, its NamedShardings), without allocating anything."""
   sample = jnp.zeros((1, seq_len), jnp.int32)
-  boxed = jax.eval_shape(_init_fn(model, tx, sample), jax.random.key(0))
-  specs = nn.get_partition_spec(boxed)
+  boxed_params = jax.eval_shape(lambda rng: model.init({'params': rng}, sample)['params'],
+                                jax.random.key(0))
+  param_specs = nn.get_partition_spec(boxed_params)
+  abstract = jax.eval_shape(_init_fn(model, tx, sample), jax.random.key(0))
+  specs = abstract.replace(step=PartitionSpec(), params=param_specs,
+                           opt_state=_specs_like_params(abstract.opt_state, abstract.params,
+                                                        param_specs))
   shardings = sharding.logical_to_sharding(specs, mesh)
-  unboxed = nn.unbox(boxed)
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                          unboxed, shardings)
+                          abstract, shardings)
   return abstract, shardings
 
 
@@ -100,6 +126,7 @@ def create_state(model, tx, seq_len: int, mesh, rng):
   """The initial state, created directly in its sharded layout."""
   _, shardings = abstract_state(model, tx, seq_len, mesh)
   init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32))
-  with sharding.rules_and_mesh(mesh):
-    state = jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)(rng)
+  # No mesh context here: out_shardings places every leaf, and flax's DenseGeneral
+  # would apply its kernel's constraint to the flattened kernel under one.
+  state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings

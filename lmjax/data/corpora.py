@@ -112,20 +112,31 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
 # ----------------------------------------------------------------------------
 # Named tfds corpora.
 
+def _prepare(builder, data_config) -> None:
+  """Builds a tfds corpus: from data.manual_dir if given, else by downloading."""
+  name, manual_dir = data_config.name, data_config.manual_dir
+  how_to = ('Prepare it on a machine with network access and copy the tfds data_dir, or put '
+            'its source files in a directory and pass --config.data.manual_dir=DIR.')
+  if manual_dir and not os.path.isdir(manual_dir):
+    raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+                      f'data.manual_dir={manual_dir!r} is not a directory. {how_to}')
+  if not manual_dir and not data_config.download and not isinstance(builder, PythonStdlib):
+    raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+                      f'data.download is False. {how_to}')
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None,
+                                                 try_download_gcs=False)
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except Exception as error:  # tfds raises many kinds; say what to do.
+    raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+                      f'could not be built ({type(error).__name__}: {error}). {how_to}') from error
+
+
 def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
   data_dir = data_config.data_dir or None
   builder = tfds.builder(data_config.name, data_dir=data_dir)
   if not builder.is_prepared():
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=data_config.manual_dir or None, try_download_gcs=False)
-    try:
-      builder.download_and_prepare(download_config=download_config)
-    except Exception as error:  # tfds raises many kinds; add what to do.
-      raise CorpusError(
-          f'tfds corpus {data_config.name!r} is not prepared in {builder.data_dir!r} and '
-          f'could not be built ({type(error).__name__}: {error}). Prepare it on a machine '
-          'with network access, or put its source files in a directory and pass '
-          '--config.data.manual_dir=DIR to build it offline.') from error
+    _prepare(builder, data_config)
   features = builder.info.features
   if data_config.text_key not in features:
     raise CorpusError(f'tfds corpus {data_config.name!r} has no feature '

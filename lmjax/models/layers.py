@@ -18,6 +18,28 @@ def partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
+class Einsum(nn.Module):
+  """A projection `einsum(equation, x, kernel)` with a kernel of any rank.
+
+  The kernel is created at its true shape with its logical axis names (flax's
+  DenseGeneral flattens multi-axis kernels, which breaks their constraints
+  under a mesh).
+  """
+  shape: tuple
+  names: tuple
+  equation: str
+  init_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(stddev=0.02 * self.init_scale)
+    kernel = self.param('kernel', partitioned(init, self.names), self.shape, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jnp.einsum(self.equation, x, kernel)
+
+
 class Norm(nn.Module):
   """LayerNorm or RMSNorm over the last axis, computed in float32."""
   kind: str = 'layernorm'
@@ -67,18 +89,16 @@ class CausalSelfAttention(nn.Module):
       raise ValueError(f'model.embed_dim={embed_dim} is not divisible by '
                        f'model.num_heads={self.num_heads}')
     head_dim = embed_dim // self.num_heads
-    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-    qkv = dense(features=(3, self.num_heads, head_dim), name='qkv',
-                kernel_init=partitioned(default_init, ('embed', 'qkv', 'heads', 'kv')))(x)
+    einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = einsum((embed_dim, 3, self.num_heads, head_dim), ('embed', 'qkv', 'heads', 'kv'),
+                 'bld,dthk->blthk', name='qkv')(x)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, kv]
     if self.use_rope:
       query, key = rope(query, positions), rope(key, positions)
     out = jax.nn.dot_product_attention(query, key, value, is_causal=True)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-    out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
-    return dense(features=embed_dim, axis=(-2, -1), name='out',
-                 kernel_init=partitioned(out_init, ('heads', 'kv', 'embed')))(out)
+    return einsum((self.num_heads, head_dim, embed_dim), ('heads', 'kv', 'embed'),
+                  'blhk,hkd->bld', init_scale=self.out_init_scale, name='out')(out)
 
 
 class Mlp(nn.Module):
@@ -92,19 +112,17 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):  # [batch, length, embed]
     embed_dim = x.shape[-1]
-    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+    einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.kind == 'gelu':
-      hidden = dense(features=self.hidden_dim, name='up',
-                     kernel_init=partitioned(default_init, ('embed', 'mlp')))(x)
+      hidden = einsum((embed_dim, self.hidden_dim), ('embed', 'mlp'), 'bld,df->blf',
+                      name='up')(x)
       hidden = nn.gelu(hidden, approximate=True)
     elif self.kind == 'swiglu':
-      gate_up = dense(features=(2, self.hidden_dim), name='gate_up',
-                      kernel_init=partitioned(default_init, ('embed', 'qkv', 'mlp')))(x)
+      gate_up = einsum((embed_dim, 2, self.hidden_dim), ('embed', 'qkv', 'mlp'),
+                       'bld,dtf->bltf', name='gate_up')(x)
       hidden = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
     else:
       raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.kind!r}")
     hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
-    out_init = nn.initializers.normal(stddev=0.02 * self.out_init_scale)
-    return dense(features=embed_dim, name='down',
-                 kernel_init=partitioned(out_init, ('mlp', 'embed')))(hidden)
+    return einsum((self.hidden_dim, embed_dim), ('mlp', 'embed'), 'blf,fd->bld',
+                  init_scale=self.out_init_scale, name='down')(hidden)

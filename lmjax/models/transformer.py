@@ -87,8 +87,7 @@ class TransformerLM(nn.Module):
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = nn.DenseGeneral(self.vocab_size, use_bias=False, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name='unembed',
-                               kernel_init=layers.partitioned(layers.default_init,
-                                                              ('embed', 'vocab')))(x)
+      logits = layers.Einsum((self.embed_dim, self.vocab_size), ('embed', 'vocab'),
+                             'bld,dv->blv', dtype=self.dtype, param_dtype=self.param_dtype,
+                             name='unembed')(x)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))

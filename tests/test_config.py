@@ -1,0 +1,71 @@
+"""Config files, overrides and their errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from lmjax import config as config_lib
+
+
+@pytest.mark.parametrize('name', ['default', 'shakespeare_char'])
+def test_config_files_load_and_have_only_known_keys(name):
+  config = config_lib.load_config_file(str(REPO / 'configs' / f'{name}.py'))
+  base = config_lib.base_config()
+  assert set(config.keys()) == set(base.keys())
+  for section in base.keys():
+    if hasattr(base[section], 'keys'):
+      assert set(config[section].keys()) == set(base[section].keys()), section
+
+
+def test_shakespeare_char_matches_nanogpt_baby_run():
+  c = config_lib.load_config_file(str(REPO / 'configs' / 'shakespeare_char.py'))
+  assert (c.model.num_layers, c.model.num_heads, c.model.embed_dim) == (4, 4, 128)
+  assert (c.data.seq_len, c.train.batch_size, c.train.num_steps) == (64, 12, 2000)
+  assert (c.optimizer.learning_rate, c.optimizer.b2, c.optimizer.warmup_steps) == (1e-3, 0.99, 100)
+  assert (c.optimizer.min_learning_rate, c.optimizer.weight_decay) == (1e-4, 0.1)
+  assert (c.optimizer.grad_clip, c.model.dropout, c.train.eval_every) == (1.0, 0.0, 250)
+
+
+def test_unknown_key_names_the_valid_ones():
+  config = config_lib.base_config()
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.check_key_path(config, 'model.num_layer')
+  message = str(error.value)
+  assert "'num_layer' is not in model" in message and 'num_layers' in message
+  assert 'embed_dim' in message
+  with pytest.raises(config_lib.ConfigError, match='valid keys there: checkpoint, data'):
+    config_lib.check_key_path(config, 'modle.num_layers')
+  with pytest.raises(config_lib.ConfigError, match='is a value, not a section'):
+    config_lib.check_key_path(config, 'seed.x')
+  config_lib.check_key_path(config, 'optimizer.b2')  # A valid key passes.
+
+
+def test_check_overrides_reads_the_config_file_from_argv():
+  argv = ['--config', str(REPO / 'configs' / 'default.py'), '--config.train.num_stepz=3']
+  with pytest.raises(config_lib.ConfigError, match='num_steps'):
+    config_lib.check_overrides(argv)
+  config_lib.check_overrides([f'--config={REPO}/configs/default.py', '--config.seed=3'])
+
+
+def test_train_command_rejects_a_typo_before_running(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'lmjax.train', '--config', str(REPO / 'configs' / 'default.py'),
+       '--workdir', str(workdir), '--config.model.num_layer=2'],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert result.returncode != 0
+  assert "unknown config key 'model.num_layer'" in result.stderr
+  assert 'num_layers' in result.stderr
+  assert not workdir.exists()  # Nothing ran.
+
+
+def test_config_round_trips_through_json(tmp_path):
+  config = config_lib.load_config_file(str(REPO / 'configs' / 'default.py'))
+  path = config_lib.save(config, str(tmp_path))
+  with open(path) as f:
+    restored = config_lib.from_json(f.read())
+  assert restored.to_dict() == config.to_dict()
+  assert json.loads(config_lib.to_json(config))['model']['embed_dim'] == config.model.embed_dim

@@ -1,0 +1,105 @@
+"""Corpora: the embedded tfds builder, a named tfds corpus built offline, local files."""
+import ml_collections
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import SHAKESPEARE_DIR
+from lmjax import config as config_lib
+from lmjax.data import corpora, pipeline
+
+
+def data_config(**fields):
+  c = config_lib.base_config().data
+  for key, value in fields.items():
+    c[key] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def stdlib_data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def test_python_stdlib_builds_and_loads_through_tfds(stdlib_data_dir):
+  builder = corpora.PythonStdlib(data_dir=stdlib_data_dir)
+  builder.download_and_prepare()
+  splits = builder.info.splits
+  assert set(splits.keys()) == {'train', 'validation', 'test'}
+  assert splits['train'].num_examples > 10 * splits['validation'].num_examples > 0
+  # Read back through tfds.load like any other corpus.
+  paths = {}
+  for split in ('train', 'validation'):
+    dataset = tfds.load('python_stdlib', split=split, data_dir=stdlib_data_dir)
+    paths[split] = [ex['path'].decode() for ex in dataset.as_numpy_iterator()]
+    assert all(corpora.split_of(p) == split for p in paths[split])
+  assert not set(paths['train']) & set(paths['validation'])
+  assert 'os.py' in paths['train'] + paths['validation']
+
+
+def test_python_stdlib_documents_are_deterministic(stdlib_data_dir):
+  config = data_config(name='python_stdlib', data_dir=stdlib_data_dir)
+  first = list(pipeline.texts(config, 'validation'))
+  second = list(pipeline.texts(config, 'validation'))
+  assert first == second and len(first) > 5
+  assert any('def ' in text for text in first)
+
+
+def test_tiny_shakespeare_builds_offline_from_manual_dir(tmp_path):
+  config = data_config(name='tiny_shakespeare', data_dir=str(tmp_path),
+                       manual_dir=str(SHAKESPEARE_DIR))
+  train = list(pipeline.texts(config, 'train'))
+  validation = list(pipeline.texts(config, 'validation'))
+  assert len(train) == 1 and len(validation) == 1
+  assert train[0].startswith('First Citizen:')
+  assert len(train[0]) + len(validation[0]) < 1_115_394
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'manual_dir': '/nonexistent/sources'}, "manual_dir='/nonexistent/sources' is not a directory"),
+    ({'download': False}, 'data.download is False'),
+])
+def test_unprepared_named_corpus_fails_at_once_saying_what_to_do(tmp_path, fields, message):
+  config = data_config(name='tiny_shakespeare', data_dir=str(tmp_path), **fields)
+  with pytest.raises(corpora.CorpusError, match=message) as error:
+    list(pipeline.texts(config, 'train'))
+  assert str(tmp_path) in str(error.value) and '--config.data.manual_dir' in str(error.value)
+
+
+def test_files_glob_matching_nothing(tmp_path):
+  config = data_config(name='files', files=str(tmp_path / '*.txt'))
+  with pytest.raises(corpora.CorpusError, match=r"data.files=.*\*\.txt' matched no file"):
+    list(pipeline.texts(config, 'train'))
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'', 'file is empty'),
+    (b'   \n\n', 'file is empty'),
+    (b'text\x00\x01\x02binary', r'looks binary \(NUL byte at offset 4\)'),
+    (b'caf\xe9 au lait', r'not valid UTF-8 \(byte offset 3'),
+])
+def test_bad_files_name_the_file(tmp_path, content, message):
+  (tmp_path / 'good.txt').write_text('fine text\n' * 10)
+  (tmp_path / 'bad.txt').write_bytes(content)
+  config = data_config(name='files', files=str(tmp_path / '*.txt'),
+                       eval_files=str(tmp_path / 'good.txt'))
+  with pytest.raises(corpora.CorpusError, match=message) as error:
+    list(pipeline.texts(config, 'train'))
+  assert 'bad.txt' in str(error.value)
+
+
+def test_single_file_is_split_at_a_line_boundary(tmp_path):
+  lines = [f'line {i}' for i in range(100)]
+  (tmp_path / 'one.txt').write_text('\n'.join(lines) + '\n')
+  config = data_config(name='files', files=str(tmp_path / 'one.txt'), eval_fraction=0.1)
+  train = ''.join(pipeline.texts(config, 'train'))
+  held_out = ''.join(pipeline.texts(config, 'validation'))
+  assert train + held_out == '\n'.join(lines) + '\n'
+  assert held_out.startswith('line ') and 5 <= held_out.count('\n') <= 15
+
+
+def test_many_files_are_split_by_file(corpus_dir):
+  config = data_config(name='files', files=str(corpus_dir / '*.txt'))
+  train = corpora.local_files(config, 'train')
+  held_out = corpora.local_files(config, 'validation')
+  assert held_out and train and not set(train) & set(held_out)
+  assert len(train) + len(held_out) == 4

@@ -1,0 +1,150 @@
+"""Transformer LM: loss at init, causality, learning, variants, sharded state."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lmjax import config as config_lib
+from lmjax import models, sharding, steps, train_state
+
+
+def model_config(**fields):
+  c = config_lib.base_config().model
+  c.num_layers, c.num_heads, c.embed_dim = 2, 2, 32
+  for key, value in fields.items():
+    c[key] = value
+  return c
+
+
+def batch_of(tokens):
+  tokens = jnp.asarray(tokens, jnp.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'weights': jnp.ones(tokens[:, 1:].shape, jnp.float32)}
+
+
+def init_params(model, seq_len=16, seed=0):
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
+  return jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x,
+                      variables['params'], is_leaf=lambda x: hasattr(x, 'value'))
+
+
+@pytest.mark.parametrize('vocab', [67, 257, 1000])
+def test_loss_at_init_is_about_log_vocab(vocab):
+  model = models.build_model(model_config(), vocab, 16)
+  params = init_params(model)
+  tokens = np.random.default_rng(0).integers(0, vocab, (8, 17))
+  loss, _ = steps.loss_fn(params, model, batch_of(tokens), None, True)
+  assert abs(float(loss) - math.log(vocab)) < 0.05 * math.log(vocab)
+
+
+@pytest.mark.parametrize('fields', [
+    {}, {'positions': 'rope'}, {'mlp': 'swiglu', 'norm': 'rmsnorm'},
+    {'tie_embeddings': False, 'vocab_multiple': 64}, {'dtype': 'bfloat16'}])
+def test_causal_no_token_sees_the_future(fields):
+  model = models.build_model(model_config(**fields), 50, 16)
+  params = init_params(model)
+  tokens = np.random.default_rng(1).integers(0, 50, (2, 16))
+  changed = tokens.copy()
+  changed[:, 10:] = (changed[:, 10:] + 7) % 50
+  logits = model.apply({'params': params}, jnp.asarray(tokens))
+  logits_changed = model.apply({'params': params}, jnp.asarray(changed))
+  assert logits.shape == (2, 16, model.vocab_size)
+  np.testing.assert_allclose(logits[:, :10], logits_changed[:, :10], atol=1e-5)
+  assert not np.allclose(logits[:, 10:], logits_changed[:, 10:], atol=1e-3)
+
+
+def test_vocab_padding_rounds_up():
+  assert models.padded_vocab_size(67, 64) == 128
+  assert models.build_model(model_config(vocab_multiple=8), 257, 16).vocab_size == 264
+
+
+def test_bad_model_settings_are_named():
+  with pytest.raises(ValueError, match='not divisible by model.num_heads=3'):
+    init_params(models.build_model(model_config(num_heads=3), 50, 16))
+  with pytest.raises(ValueError, match="model.family 'mamba'"):
+    models.build_model(model_config(family='mamba'), 50, 16)
+
+
+def optimizer_config(**fields):
+  c = config_lib.base_config().optimizer
+  for key, value in fields.items():
+    c[key] = value
+  return c
+
+
+def run_steps(model, opt, tokens, num_steps, mesh):
+  tx, schedule = train_state.make_optimizer(opt, 100)
+  state, shardings = train_state.create_state(model, tx, tokens.shape[1] - 1, mesh,
+                                              jax.random.key(0))
+  step = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
+                                   deterministic=True), donate_argnums=0)
+  batch = sharding.make_global_batch(jax.tree.map(np.asarray, batch_of(tokens)), mesh)
+  losses = []
+  with sharding.rules_and_mesh(mesh):
+    for _ in range(num_steps):
+      state, metrics = step(state, batch, jax.random.key(1))
+      losses.append(float(metrics['loss_sum'] / metrics['weight_sum']))
+  return losses, state
+
+
+@pytest.mark.parametrize('name', train_state.OPTIMIZERS)
+def test_every_optimizer_lowers_the_loss_on_a_repeated_batch(name):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  model = models.build_model(model_config(), 50, 16)
+  tokens = np.random.default_rng(2).integers(0, 50, (8, 17))
+  lr = {'sgd': 0.5, 'adafactor': 0.1}.get(name, 3e-3)  # adafactor scales by param RMS
+  opt = optimizer_config(name=name, learning_rate=lr, warmup_steps=0, schedule='constant')
+  losses, _ = run_steps(model, opt, tokens, 8, mesh)
+  assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize('schedule', train_state.SCHEDULES)
+def test_schedules_warm_up_to_the_peak_and_decay(schedule):
+  opt = optimizer_config(schedule=schedule, learning_rate=1e-3, warmup_steps=10,
+                         min_learning_rate=1e-4)
+  fn = train_state.make_schedule(opt, 100)
+  assert float(fn(0)) == 0.0
+  assert float(fn(5)) == pytest.approx(5e-4)
+  assert float(fn(10)) == pytest.approx(1e-3)
+  end = float(fn(100))
+  expected = {'constant': 1e-3, 'linear': 1e-4, 'cosine': 1e-4, 'rsqrt': 1e-3 * math.sqrt(10 / 100)}
+  assert end == pytest.approx(expected[schedule], rel=1e-4)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  model = models.build_model(model_config(), 50, 16)
+  mask = train_state.decay_mask(init_params(model))
+  assert mask['block_0']['attention']['qkv']['kernel']
+  assert not mask['block_0']['attention_norm']['LayerNorm_0']['scale']
+  assert not mask['final_norm']['LayerNorm_0']['bias']
+
+
+def test_state_is_created_sharded_on_a_2x2x2_mesh_and_trains_like_one_device():
+  tokens = np.random.default_rng(3).integers(0, 50, (8, 17))
+  model = models.build_model(model_config(), 50, 16)
+  opt = optimizer_config(warmup_steps=0, schedule='constant')
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': 2, 'tensor': 2}))
+  losses, state = run_steps(model, opt, tokens, 3, mesh)
+  qkv = state.params['block_0']['attention']['qkv']['kernel']  # [embed, 3, heads, kv]
+  assert qkv.shape == (32, 3, 2, 16)
+  expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp', None, 'tensor'))
+  assert qkv.sharding.is_equivalent_to(expected, qkv.ndim)
+  assert {s.data.shape for s in qkv.addressable_shards} == {(16, 3, 1, 16)}
+  adam_mu = state.opt_state[1][0].mu['block_0']['attention']['qkv']['kernel']
+  assert adam_mu.sharding.is_equivalent_to(expected, qkv.ndim)
+  single = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
+                              devices=jax.devices()[:1])
+  single_losses, _ = run_steps(model, opt, tokens, 3, single)
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+
+
+def test_mesh_shape_errors():
+  config = ml_collections.ConfigDict({'data': 3, 'fsdp': 1, 'tensor': 1})
+  with pytest.raises(ValueError, match='uses 3 devices, but 8 are present'):
+    sharding.make_mesh(config)
+  assert sharding.mesh_shape(ml_collections.ConfigDict({'data': -1, 'fsdp': 2, 'tensor': 1}),
+                             8) == (4, 2, 1)

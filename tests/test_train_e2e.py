@@ -1,0 +1,98 @@
+"""End to end: train, checkpoint, resume, evaluate, sample; and the errors around them."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+from lmjax import checkpoint, metrics, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def runs(corpus_dir, tmp_path_factory):
+  """One uninterrupted 100-step run and one stopped at step 50 and resumed."""
+  base = tmp_path_factory.mktemp('runs')
+  whole_dir, split_dir = str(base / 'whole'), str(base / 'split')
+  whole = train.train_and_evaluate(tiny_config(corpus_dir), whole_dir)
+  train.train_and_evaluate(tiny_config(corpus_dir, **{'train.stop_at': 50}), split_dir)
+  split = train.train_and_evaluate(tiny_config(corpus_dir), split_dir)
+  return {'whole_dir': whole_dir, 'split_dir': split_dir, 'whole': whole, 'split': split}
+
+
+def train_losses(workdir):
+  return {r['step']: r['train/loss'] for r in metrics.read_metrics(workdir) if 'train/loss' in r}
+
+
+def test_training_learns_below_the_unigram_baseline(runs):
+  result = runs['whole']
+  assert result['loss'] < result['unigram_entropy'] - 0.3
+  assert result['tokens'] == 8 * 32 * 32  # final_eval_batches full batches
+  assert 0 < result['bits_per_byte'] < 8 and 0 < result['accuracy'] < 1
+
+
+def test_resumed_run_continues_the_same_loss_curve(runs):
+  whole, split = train_losses(runs['whole_dir']), train_losses(runs['split_dir'])
+  assert sorted(whole) == sorted(split) == list(range(10, 101, 10))  # appended across runs
+  for step in (60, 80, 100):
+    np.testing.assert_allclose(split[step], whole[step], rtol=1e-6)
+  for key in ('loss', 'accuracy', 'bits_per_byte'):
+    np.testing.assert_allclose(runs['split'][key], runs['whole'][key], rtol=1e-6)
+
+
+def test_workdir_holds_config_metrics_tensorboard_and_checkpoints(runs):
+  import os
+  workdir = runs['whole_dir']
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['embed_dim'] == 64
+  records = metrics.read_metrics(workdir)
+  assert any('eval/loss' in r and r['step'] == 50 for r in records)
+  assert any('final_eval/bits_per_byte' in r for r in records)
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  manager = checkpoint.manager(workdir, read_only=True)
+  assert sorted(manager.all_steps()) == [50, 100]
+  saved = checkpoint.read_json(manager, 100, 'config')
+  assert saved['model']['num_layers'] == 2
+  assert checkpoint.read_json(manager, 100, 'tokenizer')['kind'] == 'chars'
+
+
+def test_finished_run_started_again_only_evaluates(runs, corpus_dir):
+  again = train.train_and_evaluate(tiny_config(corpus_dir), runs['whole_dir'])
+  np.testing.assert_allclose(again['loss'], runs['whole']['loss'], rtol=1e-6)
+
+
+def test_sample_command_restores_and_generates(runs):
+  command = [sys.executable, '-m', 'lmjax.sample', '--workdir', runs['whole_dir'],
+             '--prompt', 'ROMEO:', '--max_new_tokens', '30', '--seed', '3']
+  first = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert '--- sample 0 (step 100) ---\nROMEO:' in first.stdout
+  second = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert second.stdout == first.stdout  # Deterministic for a seed.
+  bad = subprocess.run(command[:-6] + ['--prompt', 'ROMEO€'], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+  assert bad.returncode != 0 and "outside the vocabulary: ['€']" in bad.stderr
+
+
+def test_sample_without_checkpoint_says_so(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'lmjax.sample', '--workdir', str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode != 0 and 'no checkpoint in' in result.stderr
+
+
+def test_resuming_with_another_model_shape_names_the_differences(runs, corpus_dir, tmp_path):
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(runs['whole_dir'], workdir)
+  wider = tiny_config(corpus_dir, **{'model.embed_dim': 96, 'train.num_steps': 150})
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.train_and_evaluate(wider, workdir)
+  message = str(error.value)
+  assert 'checkpoint step 100' in message and 'different model shape' in message
+  assert ("params['block_0']['attention']['qkv']['kernel']: checkpoint (64, 3, 2, 32), "
+          "model (96, 3, 2, 48)") in message
+  # The good checkpoint is untouched.
+  assert sorted(checkpoint.manager(workdir, read_only=True).all_steps()) == [50, 100]

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Train-step benchmark: prints one JSON line.
+
+    python tools/bench.py --config configs/shakespeare_char.py [--steps 50] \
+        [--config.model.num_layers=6 ...]
+
+Times the configured model's jitted train step (same code as lmjax.train) on
+random token batches of the configured shape, so no corpus is needed. The
+vocabulary size comes from the tokenizer kind (bytes: 257, sentencepiece: its
+configured size, chars: --vocab_size, default 67 = tiny-shakespeare's 65
+characters + <eos> + <unk>). MFU divides model FLOP/s (6 x parameters x tokens
+plus attention) by the peak of a large f32 matmul measured in this process.
+"""
+import functools
+import json
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lmjax import config as config_lib
+
+flags.DEFINE_integer('steps', 50, 'Timed steps (after one warm-up step).')
+flags.DEFINE_integer('vocab_size', 0, 'Vocabulary size (0 = from the tokenizer kind).')
+
+
+def vocab_size_for(config) -> int:
+  if flags.FLAGS.vocab_size:
+    return flags.FLAGS.vocab_size
+  return {'bytes': 257, 'chars': 67}.get(config.tokenizer.kind, config.tokenizer.vocab_size)
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from lmjax import metrics, models, sharding, steps, train_state
+  config = flags.FLAGS.config
+  seq_len, batch_size = config.data.seq_len, config.train.batch_size
+  vocab = vocab_size_for(config)
+  mesh = sharding.make_mesh(config.mesh)
+  model = models.build_model(config.model, vocab, seq_len)
+  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps)
+  state, shardings = train_state.create_state(model, tx, seq_len, mesh, jax.random.key(0))
+  num_params = models.count_params(state.params)
+  step_fn = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
+                                      deterministic=config.model.dropout == 0.0),
+                    in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  data_rng = np.random.default_rng(0)
+
+  def batch():
+    window = data_rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
+    local = {'inputs': window[:, :-1], 'targets': window[:, 1:],
+             'weights': np.ones((batch_size, seq_len), np.float32)}
+    return sharding.make_global_batch(local, mesh)
+
+  rng = jax.random.key(1)
+  with sharding.rules_and_mesh(mesh):
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch(), rng).compile()
+    compile_s = time.perf_counter() - start
+    state, out = compiled(state, batch(), rng)
+    jax.block_until_ready(out)
+    batches = [batch() for _ in range(flags.FLAGS.steps)]
+    times = []
+    for b in batches:
+      start = time.perf_counter()
+      state, out = compiled(state, b, rng)
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  tokens = batch_size * seq_len
+  flops = metrics.flops_per_token(model, num_params) * tokens
+  peak = metrics.measure_peak_flops()
+  print(json.dumps({
+      'config': flags.FLAGS['config'].config_filename if hasattr(flags.FLAGS['config'], 'config_filename') else None,
+      'model': config.model.family, 'params': num_params, 'batch_size': batch_size,
+      'seq_len': seq_len, 'vocab_size': vocab, 'devices': jax.device_count(),
+      'steps': flags.FLAGS.steps, 'step_ms': 1e3 * step_s,
+      'step_ms_mean': 1e3 * statistics.mean(times), 'tokens_per_sec': tokens / step_s,
+      'compile_s': compile_s, 'model_gflops_per_sec': flops / step_s / 1e9,
+      'mfu': flops / step_s / peak, 'peak_flops': peak,
+      'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'loss': float(out['loss_sum'] / out['weight_sum'])}))
+
+
+if __name__ == '__main__':
+  try:
+    config_lib.check_overrides(sys.argv[1:])
+  except config_lib.ConfigError as error:
+    sys.exit(f'error: {error}')
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.', lock_config=True)
+  app.run(main)
