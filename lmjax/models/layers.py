@@ -14,6 +14,36 @@ Dtype = Any
 default_init = nn.initializers.normal(stddev=0.02)
 
 
+def _materialize(x):
+  """`x`, computed into memory before any consumer reads it.
+
+  XLA:CPU fuses elementwise producers into their consumers; when a consumer is
+  a transpose (as for a weight gradient), the elementwise work then runs in
+  transposed, unvectorised order, several times slower. XLA:CPU drops
+  optimization barriers, but not a conditional on a runtime value. The other
+  branch only runs when x already holds NaN, and then says so.
+  """
+  probe = x.reshape(-1)[0]
+  return jax.lax.cond(probe == probe, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
+
+
+@jax.custom_vjp
+def _materialize_gradient_cpu(x):
+  return x
+
+
+_materialize_gradient_cpu.defvjp(lambda x: (x, None), lambda _, g: (_materialize(g),))
+
+
+def materialize_gradient(x):
+  """Identity whose gradient is materialised before the backward pass goes on
+  (on CPU; elsewhere a no-op). Placed after a projection, it keeps the
+  elementwise backward of what follows out of that projection's transposes."""
+  if jax.default_backend() == 'cpu':
+    return _materialize_gradient_cpu(x)
+  return x
+
+
 def partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
@@ -62,20 +92,34 @@ class Norm(nn.Module):
 
 
 def rope(x, positions, base: float = 10_000.0):
-  """Rotary position embedding of [batch, length, heads, head_dim] at positions [batch, length]."""
+  """Rotary position embedding of [batch, heads, length, head_dim] at positions [batch, length]."""
   head_dim = x.shape[-1]
   fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
   inverse_frequency = base ** -fraction  # [head_dim / 2]
-  angles = positions[..., None].astype(jnp.float32) * inverse_frequency  # [batch, length, half]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  angles = positions[:, None, :, None].astype(jnp.float32) * inverse_frequency  # [b, 1, l, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
   return rotated.astype(x.dtype)
 
 
+def causal_attention(query, key, value):
+  """Softmax attention of [batch, heads, length, head_dim] inputs, causal mask, f32 softmax."""
+  length, head_dim = query.shape[-2], query.shape[-1]
+  scores = jnp.einsum('bhqd,bhkd->bhqk', query, key) * (head_dim ** -0.5)
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+  return jnp.einsum('bhqk,bhkd->bhqd', probs, value)
+
+
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with one fused QKV projection."""
+  """Multi-head causal self-attention with one fused QKV projection.
+
+  Queries, keys and values are projected straight into a head-major
+  [batch, heads, length, head_dim] layout, so both attention matmuls are plain
+  batched matmuls with no transposes around them.
+  """
   num_heads: int
   use_rope: bool = False
   out_init_scale: float = 1.0  # Residual projections are scaled down by depth.
@@ -91,14 +135,14 @@ class CausalSelfAttention(nn.Module):
     head_dim = embed_dim // self.num_heads
     einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
     qkv = einsum((embed_dim, 3, self.num_heads, head_dim), ('embed', 'qkv', 'heads', 'kv'),
-                 'bld,dthk->blthk', name='qkv')(x)
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, kv]
+                 'bld,dthk->tbhlk', name='qkv')(x)
+    query, key, value = qkv[0], qkv[1], qkv[2]  # [batch, heads, length, kv]
     if self.use_rope:
       query, key = rope(query, positions), rope(key, positions)
-    out = jax.nn.dot_product_attention(query, key, value, is_causal=True)
-    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
+    out = causal_attention(query, key, value)
+    out = nn.with_logical_constraint(out, ('batch', 'heads', 'length', 'kv'))
     return einsum((self.num_heads, head_dim, embed_dim), ('heads', 'kv', 'embed'),
-                  'blhk,hkd->bld', init_scale=self.out_init_scale, name='out')(out)
+                  'bhlk,hkd->bld', init_scale=self.out_init_scale, name='out')(out)
 
 
 class Mlp(nn.Module):
@@ -116,7 +160,7 @@ class Mlp(nn.Module):
     if self.kind == 'gelu':
       hidden = einsum((embed_dim, self.hidden_dim), ('embed', 'mlp'), 'bld,df->blf',
                       name='up')(x)
-      hidden = nn.gelu(hidden, approximate=True)
+      hidden = nn.gelu(materialize_gradient(hidden), approximate=True)
     elif self.kind == 'swiglu':
       gate_up = einsum((embed_dim, 2, self.hidden_dim), ('embed', 'qkv', 'mlp'),
                        'bld,dtf->bltf', name='gate_up')(x)
