@@ -22,12 +22,12 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 100
   c.optimizer.min_learning_rate = 2e-4
   c.train.batch_size = 16
-  c.train.num_steps = 1500
+  c.train.num_steps = 1200
   c.train.log_every = 100
-  c.train.eval_every = 500
+  c.train.eval_every = 400
   c.train.eval_batches = 20
-  c.train.final_eval_batches = 100
-  c.checkpoint.every = 500
+  c.train.final_eval_batches = 60
+  c.checkpoint.every = 400
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 300
   return c

@@ -7,14 +7,15 @@ Started again with the same workdir, a run resumes from its latest checkpoint
 and continues the same loss curve (the data order and dropout randomness are
 functions of the step).
 """
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmjax import checkpoint
@@ -42,31 +43,36 @@ def _format_seconds(seconds: float) -> str:
 
 
 class _Progress:
-  """Metric sums of finished steps, fetched one step late, and throughput."""
+  """Metrics of finished steps, fetched to the host one step late, and throughput."""
 
   def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
     self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
-    self.pending = []  # (step, device metrics) not yet fetched
-    self.window_start, self.window_steps = None, 0
+    self.pending = []  # (step, device metrics) not yet on the host
+    self.finished = []  # host metrics since the last summary
+    self.window_start = None
 
   def add(self, step: int, device_metrics) -> None:
     self.pending.append((step, device_metrics))
 
-  def fetch(self, keep_last: bool = True) -> dict | None:
-    """Host sums of pending steps, leaving the step in flight unless keep_last=False."""
+  def fetch(self, keep_last: bool = True) -> None:
+    """Moves pending metrics to the host (all, or all but the step in flight)
+    and stops loudly if a loss or gradient went non-finite."""
     ready = self.pending[:-1] if keep_last else self.pending
     self.pending = self.pending[-1:] if keep_last else []
-    if not ready:
-      return None
-    values = jax.device_get([m for _, m in ready])
-    for (step, _), m in zip(ready, values):
+    for (step, _), m in zip(ready, jax.device_get([m for _, m in ready])):
       if not np.isfinite(m['loss_sum']) or not np.isfinite(m['grad_norm']):
         raise FloatingPointError(f'loss or gradient is not finite at step {step + 1} '
                                  f'(loss_sum={m["loss_sum"]}, grad_norm={m["grad_norm"]}); '
                                  'stopping without saving a checkpoint')
+      self.finished.append(m)
+
+  def summary(self) -> dict | None:
+    """Means over the fetched steps since the last summary."""
+    values, self.finished = self.finished, []
+    if not values:
+      return None
     sums = {k: sum(float(m[k]) for m in values) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
-    return {'last_step': ready[-1][0] + 1, 'steps': len(values),
-            'loss': sums['loss_sum'] / max(sums['weight_sum'], 1.0),
+    return {'loss': sums['loss_sum'] / max(sums['weight_sum'], 1.0),
             'accuracy': sums['correct_sum'] / max(sums['weight_sum'], 1.0),
             'grad_norm': float(values[-1]['grad_norm']),
             'learning_rate': float(values[-1]['learning_rate'])}
@@ -90,25 +96,30 @@ def _load_data(config, workdir):
   return tokenizer, train_stream, eval_stream
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (or resumes) to `config.train.num_steps`; returns the final evaluation."""
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_check(config.train.batch_size, mesh)
-  sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
-  seq_len, batch_size, num_steps = config.data.seq_len, config.train.batch_size, config.train.num_steps
+@dataclasses.dataclass
+class _Run:
+  """Everything a training run wires together, built once by `_setup`."""
+  config: Any
+  workdir: str
+  mesh: Any
+  tokenizer: Any
+  train_stream: pipeline.TokenStream
+  eval_stream: pipeline.TokenStream
+  baseline: float  # unigram entropy of the training stream, nats/token
+  model: Any
+  state: Any
+  checkpoints: Any
+  train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
+  evaluate: Any  # (params, stream, max_batches) -> metrics
+  num_params: int
 
-  tokenizer, train_stream, eval_stream = _load_data(config, workdir)
-  baseline = pipeline.unigram_entropy(train_stream.tokens, tokenizer.vocab_size)
-  _log(f'corpus {config.data.name}: train {len(train_stream.tokens):,} tokens in '
-       f'{train_stream.num_documents:,} documents, eval {len(eval_stream.tokens):,} tokens; '
-       f'{tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}; '
-       f'unigram entropy {baseline:.3f} nats/token')
+  def save(self, step: int) -> None:
+    checkpoint.save(self.checkpoints, step, self.state,
+                    json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json())
 
-  model = models.build_model(config.model, tokenizer.vocab_size, seq_len)
-  tx, schedule = train_state.make_optimizer(config.optimizer, num_steps)
+
+def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
+  seq_len = config.data.seq_len
   abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh)
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   latest = checkpoints.latest_step()
@@ -119,99 +130,153 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     state, _ = train_state.create_state(model, tx, seq_len, mesh, init_rng)
+  return state, state_shardings, checkpoints
+
+
+def _setup(config, workdir: str) -> _Run:
+  """Config -> mesh, data, tokenizer, model, (restored) state and jitted steps."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.batch_size_check(config.train.batch_size, mesh)
+  sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+
+  tokenizer, train_stream, eval_stream = _load_data(config, workdir)
+  baseline = pipeline.unigram_entropy(train_stream.tokens, tokenizer.vocab_size)
+  _log(f'corpus {config.data.name}: train {len(train_stream.tokens):,} tokens in '
+       f'{train_stream.num_documents:,} documents, eval {len(eval_stream.tokens):,} tokens; '
+       f'{tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}; '
+       f'unigram entropy {baseline:.3f} nats/token')
+
+  model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
+  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps)
+  state, state_shardings, checkpoints = _restore_or_create_state(config, workdir, model, tx,
+                                                                 mesh, tokenizer)
   num_params = models.count_params(state.params)
   _log(f'model {config.model.family}: {num_params:,} parameters; mesh {dict(mesh.shape)} '
        f'on {jax.device_count()} {jax.devices()[0].platform} device(s)')
 
-  batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(
       functools.partial(steps.train_step, model=model, schedule=schedule,
                         deterministic=config.model.dropout == 0.0),
-      in_shardings=(state_shardings, batch_sharding, replicated),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_fn = evaluate.make_eval_fn(model, tokenizer, state_shardings.params, mesh)
-  run_evaluation = functools.partial(evaluate.evaluate, eval_fn, seq_len=seq_len, mesh=mesh,
-                                     batch_size=config.train.eval_batch_size)
-  dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  config_json = json.loads(config_lib.to_json(config))
 
-  def save(step):
-    checkpoint.save(checkpoints, step, state, config_json, tokenizer.to_json())
+  def run_evaluation(params, stream, max_batches):
+    return evaluate.evaluate(eval_fn, params, stream, config.data.seq_len,
+                             config.train.eval_batch_size, mesh, max_batches)
 
-  start_step = int(jax.device_get(state.step))
+  return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+              train_stream=train_stream, eval_stream=eval_stream, baseline=baseline,
+              model=model, state=state, checkpoints=checkpoints, train_step=train_step,
+              evaluate=run_evaluation, num_params=num_params)
+
+
+def _train_record(progress: _Progress, step: int, last_step: int, steps_timed: int) -> dict:
+  """The train metrics and speed of the window ending at `step`; prints a progress line."""
+  fetched = progress.summary()
+  speed = progress.throughput(steps_timed)
+  record = {f'perf/{k}': v for k, v in speed.items()}
+  if fetched:
+    record.update({'train/loss': fetched['loss'], 'train/accuracy': fetched['accuracy'],
+                   'train/grad_norm': fetched['grad_norm'],
+                   'train/learning_rate': fetched['learning_rate']})
+    eta = speed.get('step_ms', 0.0) * (last_step - step) / 1e3
+    _log(f'step {step}/{last_step} | loss {fetched["loss"]:.4f} | lr '
+         f'{fetched["learning_rate"]:.2e} | {speed.get("tokens_per_sec", 0):,.0f} tok/s | '
+         f'{speed.get("step_ms", 0):.1f} ms/step | MFU {100 * speed.get("mfu", 0):.1f}% | '
+         f'ETA {_format_seconds(eta)}')
+  return record
+
+
+def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
+  """Runs the steps from the state's step to the last one; returns (start step, seconds).
+
+  The record of step N holds the mean train metrics of steps N - log_every + 1 .. N
+  (so a resumed run logs what an uninterrupted one does) and is written once step
+  N + 1 is dispatched: the host never waits on the step in flight.
+  """
+  config, mesh = run.config, run.mesh
+  seq_len, batch_size, log_every = config.data.seq_len, config.train.batch_size, config.train.log_every
+  last_step = min(config.train.num_steps, config.train.stop_at or config.train.num_steps)
+  start_step = int(jax.device_get(run.state.step))
   tokens_per_step = batch_size * seq_len
-  progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(model, num_params) *
+  progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(run.model, run.num_params) *
                        tokens_per_step, metrics_lib.measure_peak_flops())
-  batches = pipeline.train_batches(train_stream, seq_len, batch_size, config.seed, start_step,
-                                   jax.process_index(), jax.process_count())
-  last_step = min(num_steps, config.train.stop_at or num_steps)
+  batches = pipeline.train_batches(run.train_stream, seq_len, batch_size, config.seed,
+                                   start_step, jax.process_index(), jax.process_count())
+  dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  eval_records = {}  # step -> eval metrics, written with that step's train record
   run_start = time.perf_counter()
-  steps_in_window = 0
+  steps_timed = 0
+
+  def write(step, record):
+    writer.write(step, {**record, **eval_records.pop(step, {})})
+
   for step in range(start_step, last_step):
     batch = sharding.make_global_batch(next(batches), mesh)
     with sharding.rules_and_mesh(mesh):
-      state, step_metrics = train_step(state, batch, dropout_rng)
+      run.state, step_metrics = run.train_step(run.state, batch, dropout_rng)
     progress.add(step, step_metrics)
-    done = step + 1
-    steps_in_window += 1
+    done, is_last = step + 1, step + 1 == last_step
+    steps_timed += 1
     if step == start_step:
       jax.block_until_ready(step_metrics)
       _log(f'step {done}: compiled and ran the first train step in '
            f'{time.perf_counter() - run_start:.1f}s')
       progress.throughput(0)
-      steps_in_window = 0
-    is_last = done == last_step
-    record = {}
-    if done % config.train.log_every == 0 or is_last:
-      fetched = progress.fetch(keep_last=not is_last)
-      speed = progress.throughput(steps_in_window)
-      steps_in_window = 0
-      if fetched:
-        record.update({'train/loss': fetched['loss'], 'train/accuracy': fetched['accuracy'],
-                       'train/grad_norm': fetched['grad_norm'],
-                       'train/learning_rate': fetched['learning_rate']})
-      record.update({f'perf/{k}': v for k, v in speed.items()})
-      eta = speed.get('step_ms', 0.0) * (last_step - done) / 1e3
-      if fetched:
-        _log(f'step {done}/{num_steps} | loss {fetched["loss"]:.4f} | lr '
-             f'{fetched["learning_rate"]:.2e} | {speed.get("tokens_per_sec", 0):,.0f} tok/s | '
-             f'{speed.get("step_ms", 0):.1f} ms/step | MFU {100 * speed.get("mfu", 0):.1f}% | '
-             f'ETA {_format_seconds(eta)}')
+      steps_timed = 0
+    if step > start_step and step % log_every == 0:  # Step `step` has finished: log it.
+      progress.fetch(keep_last=True)
+      write(step, _train_record(progress, step, last_step, steps_timed - 1))
+      steps_timed = 1
     if config.train.eval_every and done % config.train.eval_every == 0 and not is_last:
-      result = run_evaluation(state.params, eval_stream, max_batches=config.train.eval_batches)
-      record.update({f'eval/{k}': v for k, v in result.items()})
+      result = run.evaluate(run.state.params, run.eval_stream, config.train.eval_batches)
+      eval_records[done] = {f'eval/{k}': v for k, v in result.items()}
       _log(f'step {done}: eval loss {result["loss"]:.4f} | perplexity {result["perplexity"]:.2f}'
            f' | bits/byte {result["bits_per_byte"]:.3f} | accuracy {result["accuracy"]:.3f}')
-      progress.throughput(0)
-      steps_in_window = 0
+      if done % log_every:
+        write(done, {})
+      progress.throughput(0)  # Evaluation time is not training time.
+      steps_timed = 0
     if done % config.checkpoint.every == 0 or is_last:
       progress.fetch(keep_last=False)  # Never save a state whose loss went non-finite.
-      save(done)
-    if record:
-      writer.write(done, record)
+      run.save(done)
+  if last_step > start_step:
+    progress.fetch(keep_last=False)
+    write(last_step, _train_record(progress, last_step, last_step, steps_timed))
+  return start_step, time.perf_counter() - run_start
 
-  checkpoints.wait_until_finished()
-  final_step = int(jax.device_get(state.step))
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (or resumes) to `config.train.num_steps` (or `stop_at`), then evaluates the
+  whole evaluation split and prints a sample; returns the final evaluation."""
+  run = _setup(config, workdir)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  start_step, seconds = _train(run, writer)
+  run.checkpoints.wait_until_finished()
+  final_step = int(jax.device_get(run.state.step))
   if final_step > start_step:
-    _log(f'trained steps {start_step + 1}..{final_step} in '
-         f'{time.perf_counter() - run_start:.1f}s; checkpoint saved at step {final_step}')
+    _log(f'trained steps {start_step + 1}..{final_step} in {seconds:.1f}s; checkpoint saved '
+         f'at step {final_step}')
   else:
     _log(f'already trained to step {final_step}; evaluating the latest checkpoint')
-  result = run_evaluation(state.params, eval_stream, max_batches=config.train.final_eval_batches)
-  result['unigram_entropy'] = baseline
+  result = run.evaluate(run.state.params, run.eval_stream, config.train.final_eval_batches)
+  result['unigram_entropy'] = run.baseline
   writer.write(final_step, {f'final_eval/{k}': v for k, v in result.items()})
   writer.close()
   _log(f'final eval ({config.data.eval_split}): loss {result["loss"]:.4f} | perplexity '
        f'{result["perplexity"]:.2f} | bits/byte {result["bits_per_byte"]:.3f} | accuracy '
        f'{result["accuracy"]:.3f} | {int(result["tokens"]):,} tokens '
-       f'(unigram baseline {baseline:.3f})')
+       f'(unigram baseline {run.baseline:.3f})')
   if config.sample.max_new_tokens > 0:
-    text = sample.sample_text(state.params, model, tokenizer, config.sample)[0]
+    text = sample.sample_text(run.state.params, run.model, run.tokenizer, config.sample)[0]
     _log(f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
          f'---\n{text}\n---')
-  checkpoints.close()
+  run.checkpoints.close()
   return result
 
 

@@ -96,3 +96,23 @@ def test_resuming_with_another_model_shape_names_the_differences(runs, corpus_di
           "model (96, 3, 2, 48)") in message
   # The good checkpoint is untouched.
   assert sorted(checkpoint.manager(workdir, read_only=True).all_steps()) == [50, 100]
+
+
+def test_diverging_run_stops_loudly_without_saving_a_bad_checkpoint(corpus_dir, tmp_path):
+  diverging = tiny_config(corpus_dir, **{
+      'optimizer.name': 'sgd', 'optimizer.learning_rate': 1e30, 'optimizer.grad_clip': 0.0,
+      'optimizer.momentum': 0.0, 'optimizer.weight_decay': 0.0, 'train.eval_every': 0,
+      'checkpoint.every': 10, 'train.log_every': 10})
+  with pytest.raises(FloatingPointError, match='not finite at step'):
+    train.train_and_evaluate(diverging, str(tmp_path))
+  assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == []
+
+
+def test_launch_local_runs_the_train_entry_point(tmp_path):
+  result = subprocess.run(['bash', str(REPO / 'launch' / 'local'), '--cpu', '--config',
+                           str(REPO / 'configs' / 'default.py'), '--workdir', str(tmp_path / 'x'),
+                           '--config.train.num_step=1'],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**__import__('os').environ, 'PYTHON': sys.executable})
+  assert result.returncode != 0 and "did you mean" not in result.stderr
+  assert "unknown config key 'train.num_step'" in result.stderr

@@ -23,9 +23,10 @@ except ImportError:  # pragma: no cover - the dependency is declared in pyprojec
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# tf.data only feeds the host; never let TensorFlow claim an accelerator.
-tf.config.set_visible_devices([], 'GPU')
-tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+# tf.data only feeds the host: keep TensorFlow off the accelerators JAX uses.
+for _kind in ('GPU', 'TPU'):
+  if tf.config.list_physical_devices(_kind):
+    tf.config.set_visible_devices([], _kind)
 
 
 class CorpusError(ValueError):

@@ -1,0 +1,42 @@
+"""Metric arithmetic: sums to loss, perplexity, accuracy and bits per byte; FLOP counts."""
+import math
+
+import pytest
+
+from lmjax import metrics, models
+from lmjax import config as config_lib
+
+
+def test_summarize_turns_sums_into_means():
+  sums = {'loss_sum': 200.0, 'correct_sum': 30.0, 'weight_sum': 100.0, 'byte_sum': 250.0}
+  result = metrics.summarize(sums)
+  assert result['loss'] == pytest.approx(2.0)
+  assert result['perplexity'] == pytest.approx(math.exp(2.0))
+  assert result['accuracy'] == pytest.approx(0.3)
+  # 200 nats over 250 bytes: 200 / ln 2 / 250 bits per byte.
+  assert result['bits_per_byte'] == pytest.approx(200.0 / math.log(2.0) / 250.0)
+  assert result['tokens'] == 100 and result['bytes'] == 250
+
+
+def test_flops_per_token_counts_matmul_parameters_and_attention():
+  c = config_lib.base_config().model
+  model = models.build_model(c, 257, 128)
+  params = 1_000_000
+  learned = metrics.flops_per_token(model, params)
+  assert learned == 6 * (params - 128 * 128) + 12 * 4 * 128 * 128
+  c.positions = 'rope'
+  rope = metrics.flops_per_token(models.build_model(c, 257, 128), params)
+  assert rope == 6 * params + 12 * 4 * 128 * 128
+
+
+def test_metric_writer_appends_json_lines(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(5, {'train/loss': 2.5})
+  writer.write(10, {'train/loss': 2.0, 'eval/loss': 2.2})
+  writer.close()
+  again = metrics.MetricWriter(str(tmp_path))
+  again.write(15, {'train/loss': 1.5})
+  records = metrics.read_metrics(str(tmp_path))
+  assert [r['step'] for r in records] == [5, 10, 15]
+  assert records[1] == {'step': 10, 'train/loss': 2.0, 'eval/loss': 2.2}
+  assert list((tmp_path / 'tensorboard').iterdir())
