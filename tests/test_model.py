@@ -148,3 +148,15 @@ def test_mesh_shape_errors():
     sharding.make_mesh(config)
   assert sharding.mesh_shape(ml_collections.ConfigDict({'data': -1, 'fsdp': 2, 'tensor': 1}),
                              8) == (4, 2, 1)
+
+
+def test_cpu_gelu_matches_flax_in_value_and_gradient():
+  from lmjax.models import layers
+  x = jax.random.normal(jax.random.key(0), (4, 8, 32)) * 3
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=True), rtol=1e-6)
+  ours = jax.grad(lambda v: jnp.sum(jnp.sin(layers.gelu(v))))(x)
+  reference = jax.grad(lambda v: jnp.sum(jnp.sin(jax.nn.gelu(v, approximate=True))))(x)
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(jax.jit(layers._materialize)(x), x)
+  poisoned = x.at[0, 0, 0].set(jnp.nan)
+  assert bool(jnp.all(jnp.isnan(jax.jit(layers._materialize)(poisoned))))
