@@ -77,6 +77,11 @@ class _Progress:
             'grad_norm': float(values[-1]['grad_norm']),
             'learning_rate': float(values[-1]['learning_rate'])}
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation, a save) out of the current speed window."""
+    if self.window_start is not None:
+      self.window_start += seconds
+
   def throughput(self, steps_done: int) -> dict:
     now = time.perf_counter()
     result = {}
@@ -234,17 +239,20 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
       write(step, _train_record(progress, step, last_step, steps_timed - 1))
       steps_timed = 1
     if config.train.eval_every and done % config.train.eval_every == 0 and not is_last:
+      jax.block_until_ready(run.state)  # The step in flight is training time.
+      eval_start = time.perf_counter()
       result = run.evaluate(run.state.params, run.eval_stream, config.train.eval_batches)
       eval_records[done] = {f'eval/{k}': v for k, v in result.items()}
       _log(f'step {done}: eval loss {result["loss"]:.4f} | perplexity {result["perplexity"]:.2f}'
            f' | bits/byte {result["bits_per_byte"]:.3f} | accuracy {result["accuracy"]:.3f}')
       if done % log_every:
         write(done, {})
-      progress.throughput(0)  # Evaluation time is not training time.
-      steps_timed = 0
+      progress.exclude(time.perf_counter() - eval_start)  # Evaluation is not training time.
     if done % config.checkpoint.every == 0 or is_last:
       progress.fetch(keep_last=False)  # Never save a state whose loss went non-finite.
+      save_start = time.perf_counter()
       run.save(done)
+      progress.exclude(time.perf_counter() - save_start)
   if last_step > start_step:
     progress.fetch(keep_last=False)
     write(last_step, _train_record(progress, last_step, last_step, steps_timed))
