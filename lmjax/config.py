@@ -111,11 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.append_eos = True  # Append the end-of-document token to every document.
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.kind = 'bytes'  # 'bytes', 'chars' or 'sentencepiece'.
+  c.tokenizer.kind = 'bytes'  # 'bytes', 'chars', 'words' or 'sentencepiece'.
   c.tokenizer.model_file = ''  # sentencepiece: a given .model ('' = train one on train_split).
   c.tokenizer.vocab_size = 4096  # sentencepiece: vocabulary size to train.
   c.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'.
   c.tokenizer.sample_chars = 10_000_000  # sentencepiece: characters of training text to learn from.
+  c.tokenizer.word_split = 'whitespace'  # words: 'whitespace' (pre-tokenized, PTB) or 'punctuation'.
+  c.tokenizer.max_size = 0  # words: vocabulary size cap, specials included (0 = every word).
+  c.tokenizer.min_count = 1  # words: rarer words become <unk>.
 
   c.model = ml_collections.ConfigDict()
   c.model.family = 'transformer'  # Model family (see lmjax.models.FAMILIES).

@@ -89,3 +89,45 @@ def test_for_run_saves_and_reuses_the_tokenizer(tmp_path):
   config.kind = 'bytes'
   with pytest.raises(tokenizers.TokenizerError, match="'chars' tokenizer"):
     tokenizers.for_run(config, str(tmp_path), texts)
+
+
+PTB_SAMPLE = (' aer banknote berlitz calloway centrust <unk> \n'
+              ' pierre <unk> N years old will join the board as a nonexecutive director nov. N \n'
+              ' mr. <unk> is chairman of <unk> n.v. the dutch publishing group \n')
+
+
+def test_words_reproduce_a_ptb_style_vocabulary_exactly():
+  tokenizer = tokenizers.WordTokenizer.build([PTB_SAMPLE])
+  corpus_words = set(PTB_SAMPLE.split())
+  # The corpus' own <unk> is the tokenizer's <unk>; <eos> is the only addition.
+  assert set(tokenizer.vocab) == corpus_words | {'<eos>'}
+  assert tokenizer.vocab_size == len(corpus_words) + 1
+  ids = tokenizer.encode(PTB_SAMPLE)
+  assert int((ids == tokenizer.eos_id).sum()) == 3  # one <eos> per line
+  assert int((ids == tokenizer.unk_id).sum()) == PTB_SAMPLE.split().count('<unk>')
+  assert tokenizer.decode(ids).split('\n')[:3] == [' '.join(l.split()) for l in
+                                                  PTB_SAMPLE.strip('\n').split('\n')]
+  assert tokenizer.vocab[2:4] == ['N', 'the']  # most frequent first, ties alphabetical
+  restored = tokenizers.from_json(tokenizer.to_json())
+  assert restored.fingerprint() == tokenizer.fingerprint()
+
+
+def test_words_max_size_min_count_and_punctuation_split():
+  text = 'the cat, the dog; the cat!\nA dog.\n'
+  counted = tokenizers.WordTokenizer.build([text], split='punctuation', min_count=2)
+  assert counted.words == ['the', 'cat', 'dog']
+  capped = tokenizers.WordTokenizer.build([text], split='punctuation', max_size=4)
+  assert capped.vocab == ['<eos>', '<unk>', 'the', 'cat']
+  ids = capped.encode('the bird, the cat')
+  assert list(ids) == [2, 1, 1, 2, 3, 0]  # bird and ',' are unknown; one line, one <eos>
+  with pytest.raises(tokenizers.TokenizerError, match="word_split must be one of"):
+    tokenizers.WordTokenizer([], split='spaces')
+
+
+def test_words_are_built_from_the_config(tmp_path):
+  from lmjax import config as config_lib
+  config = config_lib.base_config().tokenizer
+  config.kind, config.word_split, config.min_count = 'words', 'punctuation', 2
+  tokenizer = tokenizers.for_run(config, str(tmp_path), lambda: iter(['a b, a b. c\n']))
+  assert isinstance(tokenizer, tokenizers.WordTokenizer)
+  assert tokenizer.vocab == ['<eos>', '<unk>', 'a', 'b']

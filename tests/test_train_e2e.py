@@ -116,3 +116,18 @@ def test_launch_local_runs_the_train_entry_point(tmp_path):
                           env={**__import__('os').environ, 'PYTHON': sys.executable})
   assert result.returncode != 0 and "did you mean" not in result.stderr
   assert "unknown config key 'train.num_step'" in result.stderr
+
+
+def test_resuming_with_another_tokenizer_names_both(runs, corpus_dir, tmp_path):
+  import shutil
+  from lmjax.data import tokenizers
+  workdir = tmp_path / 'copy'
+  shutil.copytree(runs['whole_dir'], workdir)
+  saved = json.loads((workdir / 'tokenizer.json').read_text())
+  other = tokenizers.CharTokenizer(list(saved['chars'])[:-1])  # one character fewer
+  (workdir / 'tokenizer.json').write_text(json.dumps(other.to_json()))
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.train_and_evaluate(tiny_config(corpus_dir, **{'train.num_steps': 150}), str(workdir))
+  message = str(error.value)
+  assert 'checkpoint step 100' in message and 'tokenizer' in message
+  assert str(other.vocab_size) in message and str(other.vocab_size + 1) in message

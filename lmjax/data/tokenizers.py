@@ -6,10 +6,12 @@ evaluation and sampling need nothing else. `fingerprint()` names it compactly
 (kind, vocabulary size, hash of its content) for mismatch checks.
 """
 import base64
+import collections
 import hashlib
 import io
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -123,6 +125,87 @@ class CharTokenizer(Tokenizer):
     return {'kind': self.kind, 'chars': ''.join(self.chars)}
 
 
+class WordTokenizer(Tokenizer):
+  """Words of the training split; `<eos>`=0 ends every line, `<unk>`=1.
+
+  `split='whitespace'` takes already-tokenized text (PTB style: one sentence a
+  line, words separated by spaces) as it is, so the vocabulary is exactly the
+  corpus' own (a corpus that writes `<unk>` itself shares that id).
+  `split='punctuation'` also cuts punctuation off words. Words are ordered by
+  frequency, then alphabetically.
+  """
+
+  kind = 'words'
+  eos_id = 0
+  unk_id = 1
+  SPECIALS = ('<eos>', '<unk>')
+  SPLITS = ('whitespace', 'punctuation')
+  _PUNCTUATION = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+
+  def __init__(self, words: Sequence[str], split: str = 'whitespace'):
+    if split not in self.SPLITS:
+      raise TokenizerError(f"tokenizer.word_split must be one of {', '.join(self.SPLITS)}, "
+                           f'got {split!r}')
+    self.split = split
+    self.words = [w for w in words if w not in self.SPECIALS]
+    self.vocab = list(self.SPECIALS) + self.words
+    self.vocab_size = len(self.vocab)
+    self._ids = {word: i for i, word in enumerate(self.vocab)}
+
+  def _words(self, line: str) -> list[str]:
+    return line.split() if self.split == 'whitespace' else self._PUNCTUATION.findall(line)
+
+  @classmethod
+  def build(cls, texts: Iterable[str], split: str = 'whitespace', max_size: int = 0,
+            min_count: int = 1) -> 'WordTokenizer':
+    """Counts the words of `texts`; keeps those seen `min_count` times, at most
+    `max_size` of them (0 = all), the specials included."""
+    splitter = cls([], split)
+    counts = collections.Counter()
+    for text in texts:
+      for line in text.split('\n'):
+        counts.update(splitter._words(line))
+    for special in cls.SPECIALS:
+      counts.pop(special, None)
+    if not counts:
+      raise TokenizerError('cannot build a word vocabulary: the training split has no words')
+    kept = sorted((w for w, c in counts.items() if c >= min_count),
+                  key=lambda w: (-counts[w], w))
+    if max_size:
+      kept = kept[:max(0, max_size - len(cls.SPECIALS))]
+    return cls(kept, split)
+
+  def encode(self, text: str) -> np.ndarray:
+    """Word ids, with `<eos>` after every line (a final line without a newline too)."""
+    ids = []
+    lines = text.split('\n')
+    if lines and lines[-1] == '':
+      lines.pop()  # The text ended with a newline: no extra line.
+    for line in lines:
+      ids.extend(self._ids.get(word, self.unk_id) for word in self._words(line))
+      ids.append(self.eos_id)
+    return np.array(ids, dtype=np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    out, line = [], []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id:
+        out.append(' '.join(line) + '\n')
+        line = []
+      elif 0 <= i < self.vocab_size:
+        line.append(self.vocab[i])
+    return ''.join(out) + ' '.join(line)
+
+  def token_bytes(self) -> np.ndarray:
+    # A word stands for itself and the space after it; <eos> for the newline.
+    sizes = [1, 0] + [len(w.encode('utf-8')) + 1 for w in self.words]
+    return np.array(sizes, np.int32)
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind, 'split': self.split, 'words': self.words}
+
+
 class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model (BPE or unigram), with byte fallback when trained here."""
 
@@ -216,12 +299,14 @@ def from_json(data: dict) -> Tokenizer:
     return ByteTokenizer()
   if kind == 'chars':
     return CharTokenizer(list(data['chars']))
+  if kind == 'words':
+    return WordTokenizer(data['words'], data['split'])
   if kind == 'sentencepiece':
     return SentencePieceTokenizer(base64.b64decode(data['model']))
-  raise TokenizerError(f'unknown tokenizer kind {kind!r}; expected bytes, chars or sentencepiece')
+  raise TokenizerError(f'unknown tokenizer kind {kind!r}; expected one of {", ".join(KINDS)}')
 
 
-KINDS = ('bytes', 'chars', 'sentencepiece')
+KINDS = ('bytes', 'chars', 'words', 'sentencepiece')
 
 
 def build(tokenizer_config, train_texts) -> Tokenizer:
@@ -231,6 +316,9 @@ def build(tokenizer_config, train_texts) -> Tokenizer:
     return ByteTokenizer()
   if kind == 'chars':
     return CharTokenizer.build(train_texts())
+  if kind == 'words':
+    return WordTokenizer.build(train_texts(), tokenizer_config.word_split,
+                               tokenizer_config.max_size, tokenizer_config.min_count)
   if kind == 'sentencepiece':
     if tokenizer_config.model_file:
       return SentencePieceTokenizer.load(tokenizer_config.model_file)
