@@ -109,6 +109,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.1  # With name='files' and no eval_files: share held out.
   c.data.seq_len = 128  # Tokens per training example (the context length).
   c.data.append_eos = True  # Append the end-of-document token to every document.
+  c.data.invalid_utf8 = 'error'  # Local files: 'error' (naming file and byte offset) or 'replace'.
+  c.data.clean = ml_collections.ConfigDict()  # Same cleaning for training, evaluation, prompts.
+  c.data.clean.nfkc = False  # Unicode NFKC normalisation.
+  c.data.clean.lowercase = False  # Lower-case everything.
+  c.data.clean.strip_control = False  # Remove control characters (tab, newline, CR kept).
+  c.data.clean.drop_empty_lines = False  # Remove blank lines.
+  c.data.clean.min_doc_chars = 1  # Drop documents shorter than this after cleaning.
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = 'bytes'  # 'bytes', 'chars', 'words' or 'sentencepiece'.

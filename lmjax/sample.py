@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.data import cleaning
+
 
 def _filter_logits(logits, temperature: float, top_k: int, vocab_size: int):
   """Masks padded vocabulary entries and all but the top-k, then scales."""
@@ -63,8 +65,11 @@ def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
   return np.asarray(out)[:, prompt_len:]
 
 
-def encode_prompt(tokenizer, prompt: str) -> np.ndarray:
-  """The prompt's ids; an empty prompt starts a new document (the EOS token)."""
+def encode_prompt(tokenizer, prompt: str, clean_config=None) -> np.ndarray:
+  """The prompt's ids, cleaned as the training text was; an empty prompt starts
+  a new document (the EOS token)."""
+  if clean_config is not None:
+    prompt = cleaning.clean(prompt, clean_config)
   unknown = getattr(tokenizer, 'unknown_chars', None)
   if prompt and unknown is not None and unknown(prompt):
     raise ValueError(f'the prompt has characters outside the vocabulary: {unknown(prompt)}')
@@ -80,8 +85,9 @@ def decode_sample(tokenizer, ids) -> str:
   return tokenizer.decode(ids)
 
 
-def sample_text(params, model, tokenizer, sample_config, num_samples: int = 1) -> list[str]:
-  prompt_ids = encode_prompt(tokenizer, sample_config.prompt)
+def sample_text(params, model, tokenizer, sample_config, num_samples: int = 1,
+                clean_config=None) -> list[str]:
+  prompt_ids = encode_prompt(tokenizer, sample_config.prompt, clean_config)
   generated = generate(params, model, prompt_ids, sample_config.max_new_tokens,
                        vocab_size=tokenizer.vocab_size, temperature=sample_config.temperature,
                        top_k=sample_config.top_k, seed=sample_config.seed,
@@ -115,7 +121,8 @@ def _main(argv):
     if flag_values[name].present:
       sample_config[name] = flag_values[name].value
   try:
-    texts = sample_text(state.params, model, tokenizer, sample_config, flag_values.num_samples)
+    texts = sample_text(state.params, model, tokenizer, sample_config, flag_values.num_samples,
+                        config.data.clean)
   except ValueError as error:
     sys.exit(str(error))
   for i, text in enumerate(texts):

@@ -281,7 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
        f'{result["accuracy"]:.3f} | {int(result["tokens"]):,} tokens '
        f'(unigram baseline {run.baseline:.3f})')
   if config.sample.max_new_tokens > 0:
-    text = sample.sample_text(run.state.params, run.model, run.tokenizer, config.sample)[0]
+    text = sample.sample_text(run.state.params, run.model, run.tokenizer, config.sample,
+                              clean_config=config.data.clean)[0]
     _log(f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
          f'---\n{text}\n---')
   run.checkpoints.close()

@@ -103,3 +103,26 @@ def test_many_files_are_split_by_file(corpus_dir):
   held_out = corpora.local_files(config, 'validation')
   assert held_out and train and not set(train) & set(held_out)
   assert len(train) + len(held_out) == 4
+
+
+def test_cleaning_is_applied_to_every_document(tmp_path):
+  (tmp_path / 'a.txt').write_text('Ｆｕｌｌ ｗｉｄｔｈ ﬁne\n\n\x07Bell AND Caps\n')
+  (tmp_path / 'b.txt').write_text('tiny\n')
+  (tmp_path / 'c.txt').write_text('held out text\n')
+  config = data_config(name='files', files=str(tmp_path / '[ab].txt'),
+                       eval_files=str(tmp_path / 'c.txt'))
+  config.clean.update({'nfkc': True, 'lowercase': True, 'strip_control': True,
+                       'drop_empty_lines': True, 'min_doc_chars': 6})
+  assert list(pipeline.texts(config, 'train')) == ['full width fine\nbell and caps\n']
+  from lmjax import sample
+  from lmjax.data import tokenizers
+  tokenizer = tokenizers.CharTokenizer.build(pipeline.texts(config, 'train'))
+  ids = sample.encode_prompt(tokenizer, 'ＢＥＬＬ', config.clean)  # prompts are cleaned alike
+  assert tokenizer.decode(ids[1:]) == 'bell'
+
+
+def test_invalid_utf8_can_be_replaced_instead(tmp_path):
+  (tmp_path / 'latin1.txt').write_bytes(b'caf\xe9 au lait\n' * 3)
+  config = data_config(name='files', files=str(tmp_path / 'latin1.txt'),
+                       eval_files=str(tmp_path / 'latin1.txt'), invalid_utf8='replace')
+  assert list(pipeline.texts(config, 'train')) == ['caf\ufffd au lait\n' * 3]

@@ -101,3 +101,13 @@ def test_tokenize_split_joins_documents_with_eos(corpus_dir):
   assert tokenizer.decode(stream.tokens) == ''.join(texts)
   assert 1.0 < pipeline.unigram_entropy(stream.tokens, tokenizer.vocab_size) < np.log(
       tokenizer.vocab_size)
+
+
+def test_global_batch_must_divide_over_data_parallel_devices():
+  import ml_collections
+  from lmjax import sharding
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 4, 'fsdp': 2, 'tensor': 1}))
+  sharding.batch_size_check(16, mesh)
+  with pytest.raises(ValueError, match=r'train.batch_size=12 must be divisible by the 8 '
+                                       r'data-parallel shards'):
+    sharding.batch_size_check(12, mesh)

@@ -152,8 +152,9 @@ def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
 # ----------------------------------------------------------------------------
 # Local files.
 
-def check_text_file(path: str) -> None:
-  """Raises CorpusError if `path` is empty, binary or not UTF-8."""
+def check_text_file(path: str, invalid_utf8: str = 'error') -> None:
+  """Raises CorpusError if `path` is empty, binary, or (unless invalid_utf8 is
+  'replace') not valid UTF-8."""
   with open(path, 'rb') as f:
     raw = f.read()
   if not raw.strip():
@@ -161,10 +162,14 @@ def check_text_file(path: str) -> None:
   nul = raw.find(b'\x00')
   if nul >= 0:
     raise CorpusError(f'{path}: looks binary (NUL byte at offset {nul}); expected UTF-8 text')
+  if invalid_utf8 not in ('error', 'replace'):
+    raise CorpusError(f"data.invalid_utf8 must be 'error' or 'replace', got {invalid_utf8!r}")
   try:
     raw.decode('utf-8')
   except UnicodeDecodeError as error:
-    raise CorpusError(f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason})') from None
+    if invalid_utf8 == 'error':
+      raise CorpusError(f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason}); '
+                        "--config.data.invalid_utf8=replace reads it anyway") from None
 
 
 def _glob(pattern: str, what: str) -> list[str]:
@@ -196,7 +201,7 @@ def local_files(data_config, split: str) -> list[str]:
     is_eval = split != data_config.train_split
     paths = [p for p in train if (p in held_out) == is_eval]
   for path in paths:
-    check_text_file(path)
+    check_text_file(path, data_config.invalid_utf8)
   return paths
 
 

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from lmjax.data import cleaning
 from lmjax.data import corpora
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
@@ -29,11 +30,13 @@ class TokenStream:
 
 
 def texts(data_config, split: str) -> Iterator[str]:
-  """The split's documents as Python strings."""
+  """The split's documents as cleaned Python strings (too-short ones dropped)."""
   dataset = corpora.documents(data_config, split).batch(_ENCODE_BATCH).prefetch(2)
   for batch in dataset.as_numpy_iterator():
     for raw in batch:
-      yield raw.decode('utf-8', errors='replace')
+      text = cleaning.clean(raw.decode('utf-8', errors='replace'), data_config.clean)
+      if cleaning.keep(text, data_config.clean):
+        yield text
 
 
 def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
@@ -50,8 +53,6 @@ def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
     batch.clear()
 
   for text in texts(data_config, split):
-    if not text:
-      continue
     num_documents += 1
     num_bytes += len(text.encode('utf-8'))
     batch.append(text)
