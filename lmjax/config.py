@@ -105,8 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'  # Split (tfds split syntax) to train on.
   c.data.eval_split = 'validation'  # Split to evaluate on.
   c.data.files = ''  # With name='files': glob of the training text files.
-  c.data.eval_files = ''  # With name='files': glob of evaluation files ('' = carve from files).
-  c.data.eval_fraction = 0.1  # With name='files' and no eval_files: share held out.
+  c.data.validation_files = ''  # With name='files': validation glob ('' = carve from files).
+  c.data.test_files = ''  # With name='files': test glob ('' = carve from files).
+  c.data.validation_fraction = 0.1  # Share of files carved out for validation (no glob).
+  c.data.test_fraction = 0.0  # Share of files carved out for test (no glob; 0 = no test split).
   c.data.seq_len = 128  # Tokens per training example (the context length).
   c.data.append_eos = True  # Append the end-of-document token to every document.
   c.data.invalid_utf8 = 'error'  # Local files: 'error' (naming file and byte offset) or 'replace'.

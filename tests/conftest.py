@@ -37,7 +37,7 @@ def tiny_config(corpus_dir, **overrides):
   c = config_lib.base_config()
   c.data.name = 'files'
   c.data.files = str(corpus_dir / 'part[012].txt')
-  c.data.eval_files = str(corpus_dir / 'part3.txt')
+  c.data.validation_files = str(corpus_dir / 'part3.txt')
   c.data.seq_len = 32
   c.tokenizer.kind = 'chars'
   c.model.num_layers = 2

@@ -81,7 +81,7 @@ def test_bad_files_name_the_file(tmp_path, content, message):
   (tmp_path / 'good.txt').write_text('fine text\n' * 10)
   (tmp_path / 'bad.txt').write_bytes(content)
   config = data_config(name='files', files=str(tmp_path / '*.txt'),
-                       eval_files=str(tmp_path / 'good.txt'))
+                       validation_files=str(tmp_path / 'good.txt'))
   with pytest.raises(corpora.CorpusError, match=message) as error:
     list(pipeline.texts(config, 'train'))
   assert 'bad.txt' in str(error.value)
@@ -90,7 +90,7 @@ def test_bad_files_name_the_file(tmp_path, content, message):
 def test_single_file_is_split_at_a_line_boundary(tmp_path):
   lines = [f'line {i}' for i in range(100)]
   (tmp_path / 'one.txt').write_text('\n'.join(lines) + '\n')
-  config = data_config(name='files', files=str(tmp_path / 'one.txt'), eval_fraction=0.1)
+  config = data_config(name='files', files=str(tmp_path / 'one.txt'), validation_fraction=0.1)
   train = ''.join(pipeline.texts(config, 'train'))
   held_out = ''.join(pipeline.texts(config, 'validation'))
   assert train + held_out == '\n'.join(lines) + '\n'
@@ -110,7 +110,7 @@ def test_cleaning_is_applied_to_every_document(tmp_path):
   (tmp_path / 'b.txt').write_text('tiny\n')
   (tmp_path / 'c.txt').write_text('held out text\n')
   config = data_config(name='files', files=str(tmp_path / '[ab].txt'),
-                       eval_files=str(tmp_path / 'c.txt'))
+                       validation_files=str(tmp_path / 'c.txt'))
   config.clean.update({'nfkc': True, 'lowercase': True, 'strip_control': True,
                        'drop_empty_lines': True, 'min_doc_chars': 6})
   assert list(pipeline.texts(config, 'train')) == ['full width fine\nbell and caps\n']
@@ -123,6 +123,45 @@ def test_cleaning_is_applied_to_every_document(tmp_path):
 
 def test_invalid_utf8_can_be_replaced_instead(tmp_path):
   (tmp_path / 'latin1.txt').write_bytes(b'caf\xe9 au lait\n' * 3)
+  (tmp_path / 'valid.txt').write_text('fine\n')
   config = data_config(name='files', files=str(tmp_path / 'latin1.txt'),
-                       eval_files=str(tmp_path / 'latin1.txt'), invalid_utf8='replace')
+                       validation_files=str(tmp_path / 'valid.txt'), invalid_utf8='replace')
   assert list(pipeline.texts(config, 'train')) == ['caf\ufffd au lait\n' * 3]
+
+
+def test_ptb_style_train_valid_test_globs(tmp_path):
+  for split in ('train', 'valid', 'test'):
+    (tmp_path / f'ptb.{split}.txt').write_text(f' a {split} sentence \n')
+  config = data_config(name='files', files=str(tmp_path / 'ptb.*.txt'),
+                       validation_files=str(tmp_path / 'ptb.valid.txt'),
+                       test_files=str(tmp_path / 'ptb.test.txt'))
+  # The training glob matches all three; the other splits take theirs away from it.
+  assert list(pipeline.texts(config, 'train')) == [' a train sentence \n']
+  assert list(pipeline.texts(config, 'validation')) == [' a valid sentence \n']
+  assert list(pipeline.texts(config, 'test')) == [' a test sentence \n']
+
+
+def test_one_file_is_carved_into_three_splits_at_line_boundaries(tmp_path):
+  lines = [f'line {i}\n' for i in range(100)]
+  (tmp_path / 'one.txt').write_text(''.join(lines))
+  config = data_config(name='files', files=str(tmp_path / 'one.txt'), validation_fraction=0.1,
+                       test_fraction=0.2)
+  parts = {split: ''.join(pipeline.texts(config, split)) for split in ('train', 'validation', 'test')}
+  assert parts['train'] + parts['validation'] + parts['test'] == ''.join(lines)
+  assert parts['test'].count('\n') in range(18, 22) and parts['validation'].count('\n') in range(8, 12)
+  assert parts['validation'].startswith('line ') and parts['test'].startswith('line ')
+
+
+def test_many_files_carve_disjoint_splits_and_a_missing_split_is_named(corpus_dir):
+  config = data_config(name='files', files=str(corpus_dir / '*.txt'), validation_fraction=0.25,
+                       test_fraction=0.25)
+  splits = {split: set(corpora.local_files(config, split))
+            for split in ('train', 'validation', 'test')}
+  assert all(splits.values())
+  assert not (splits['train'] & splits['validation'] or splits['train'] & splits['test']
+              or splits['validation'] & splits['test'])
+  assert sum(len(v) for v in splits.values()) == 4
+  assert corpora.split_plan(config) == corpora.split_plan(config)  # deterministic
+  no_test = data_config(name='files', files=str(corpus_dir / '*.txt'))
+  with pytest.raises(corpora.CorpusError, match="no 'test' split: set data.test_files"):
+    corpora.local_files(no_test, 'test')

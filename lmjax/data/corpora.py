@@ -180,26 +180,73 @@ def _glob(pattern: str, what: str) -> list[str]:
   return paths
 
 
-def local_files(data_config, split: str) -> list[str]:
-  """The files of `split`: eval_files if given, else a hash split of files.
+LOCAL_SPLITS = ('train', 'validation', 'test')
 
-  With a single file and no eval_files, the split happens inside the text
-  instead (see `documents`).
+
+def split_plan(data_config) -> dict:
+  """{split: [(path, start, end)]}: which files, and which share of each
+  (cut at line boundaries), make each split of a local corpus.
+
+  A split with its own glob (data.validation_files, data.test_files) takes
+  those files, and the training glob loses them. A split without one is carved
+  out of the training files by its fraction: whole files chosen by hashing
+  their names, or, with a single file, that file's last lines (test last,
+  validation before it). Deterministic across runs and machines.
   """
   if not data_config.files:
     raise CorpusError("data.name='files' needs data.files, a glob of text files")
-  train = _glob(data_config.files, 'data.files')
-  if data_config.eval_files:
-    paths = train if split == data_config.train_split else _glob(
-        data_config.eval_files, 'data.eval_files')
-  elif len(train) == 1:
-    paths = train
+  own = {}
+  for split in ('validation', 'test'):
+    pattern = data_config[f'{split}_files']
+    own[split] = _glob(pattern, f'data.{split}_files') if pattern else None
+  taken = {p for paths in own.values() if paths for p in paths}
+  train = [p for p in _glob(data_config.files, 'data.files') if p not in taken]
+  if not train:
+    raise CorpusError(f'data.files={data_config.files!r} matched only files that other '
+                      'splits take')
+  fractions = {split: (0.0 if own[split] else float(data_config[f'{split}_fraction']))
+               for split in ('validation', 'test')}
+  plan = {split: [(p, 0.0, 1.0) for p in own[split]] if own[split] else []
+          for split in ('validation', 'test')}
+  if len(train) == 1 and any(fractions.values()):
+    validation_start = 1.0 - fractions['validation'] - fractions['test']
+    test_start = 1.0 - fractions['test']
+    plan['train'] = [(train[0], 0.0, validation_start)]
+    for split, start, end in (('validation', validation_start, test_start),
+                              ('test', test_start, 1.0)):
+      if fractions[split]:
+        plan[split] = [(train[0], start, end)]
   else:
-    held_out = [p for p in train if _file_bucket(p) < data_config.eval_fraction]
-    if not held_out:  # Always hold out at least one file.
-      held_out = [min(train, key=_file_bucket)]
-    is_eval = split != data_config.train_split
-    paths = [p for p in train if (p in held_out) == is_eval]
+    buckets = {p: _file_bucket(p) for p in train}
+    plan['train'] = []
+    low = 0.0
+    for split in ('validation', 'test'):
+      high = low + fractions[split]
+      if fractions[split]:
+        chosen = [p for p in train if low <= buckets[p] < high]
+        if not chosen:  # A requested split always gets a file.
+          chosen = [min((p for p in train if buckets[p] >= low), key=buckets.get,
+                        default=train[-1])]
+        plan[split] = [(p, 0.0, 1.0) for p in chosen]
+      low = high
+    held_out = {p for split in ('validation', 'test') if not own[split]
+                for p, _, _ in plan[split]}
+    plan['train'] = [(p, 0.0, 1.0) for p in train if p not in held_out]
+    if not plan['train']:
+      raise CorpusError(f'data.files={data_config.files!r}: every file went to validation or '
+                        'test; add files or lower data.validation_fraction/test_fraction')
+  return plan
+
+
+def local_files(data_config, split: str) -> list[str]:
+  """The (checked) files that `split` of a local corpus reads."""
+  if split not in LOCAL_SPLITS:
+    raise CorpusError(f'local corpora have splits {", ".join(LOCAL_SPLITS)}; got {split!r}')
+  parts = split_plan(data_config)[split]
+  if not parts:
+    raise CorpusError(f"the local corpus has no {split!r} split: set data.{split}_files or "
+                      f'data.{split}_fraction')
+  paths = list(dict.fromkeys(p for p, _, _ in parts))
   for path in paths:
     check_text_file(path, data_config.invalid_utf8)
   return paths
@@ -210,24 +257,30 @@ def _file_bucket(path: str) -> float:
   return int.from_bytes(digest[:8], 'big') / 2.0**64
 
 
-def _split_single_text(text: tf.Tensor, fraction: float, take_tail: bool) -> tf.Tensor:
-  """Cuts one document at a line boundary: the tail `fraction` is held out."""
-  def cut(raw: bytes) -> bytes:
-    point = int(len(raw) * (1.0 - fraction))
-    newline = raw.rfind(b'\n', 0, point)
-    point = newline + 1 if newline > 0 else point
-    return raw[point:] if take_tail else raw[:point]
-  return tf.numpy_function(cut, [text], tf.string, stateful=False)
+def _line_cut(raw: bytes, fraction: float) -> int:
+  """The first line boundary at or before `fraction` of `raw`."""
+  if fraction <= 0.0:
+    return 0
+  if fraction >= 1.0:
+    return len(raw)
+  point = int(len(raw) * fraction)
+  newline = raw.rfind(b'\n', 0, point)
+  return newline + 1 if newline >= 0 else point
 
 
 def _files_documents(data_config, split: str) -> tf.data.Dataset:
-  paths = local_files(data_config, split)
-  dataset = tf.data.Dataset.from_tensor_slices(paths).map(tf.io.read_file)
-  if len(paths) == 1 and not data_config.eval_files:
-    take_tail = split != data_config.train_split
-    dataset = dataset.map(
-        lambda text: tf.reshape(_split_single_text(text, data_config.eval_fraction, take_tail), []))
-  return dataset
+  local_files(data_config, split)  # Checks the files and that the split exists.
+  parts = split_plan(data_config)[split]
+
+  def read(path, start, end):
+    def cut(raw: bytes, start: float, end: float) -> bytes:
+      return raw[_line_cut(raw, float(start)):_line_cut(raw, float(end))]
+    text = tf.numpy_function(cut, [tf.io.read_file(path), start, end], tf.string, stateful=False)
+    return tf.reshape(text, [])
+
+  paths, starts, ends = zip(*parts)
+  return tf.data.Dataset.from_tensor_slices(
+      (list(paths), list(starts), list(ends))).map(read)
 
 
 def documents(data_config, split: str) -> tf.data.Dataset:
