@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -131,3 +132,18 @@ def test_resuming_with_another_tokenizer_names_both(runs, corpus_dir, tmp_path):
   message = str(error.value)
   assert 'checkpoint step 100' in message and 'tokenizer' in message
   assert str(other.vocab_size) in message and str(other.vocab_size + 1) in message
+
+
+def test_resumed_run_ends_with_bitwise_identical_parameters(runs):
+  import orbax.checkpoint as ocp
+
+  def params_at(workdir):
+    path = checkpoint.directory(workdir) + '/100/state'
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(path)['params']
+
+  whole, split = params_at(runs['whole_dir']), params_at(runs['split_dir'])
+  flat_whole, flat_split = jax.tree.leaves(whole), jax.tree.leaves(split)
+  assert len(flat_whole) == len(flat_split) > 10
+  for a, b in zip(flat_whole, flat_split):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
