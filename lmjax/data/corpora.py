@@ -162,14 +162,13 @@ def check_text_file(path: str, invalid_utf8: str = 'error') -> None:
   nul = raw.find(b'\x00')
   if nul >= 0:
     raise CorpusError(f'{path}: looks binary (NUL byte at offset {nul}); expected UTF-8 text')
-  if invalid_utf8 not in ('error', 'replace'):
-    raise CorpusError(f"data.invalid_utf8 must be 'error' or 'replace', got {invalid_utf8!r}")
+  if invalid_utf8 == 'replace':
+    return
   try:
     raw.decode('utf-8')
   except UnicodeDecodeError as error:
-    if invalid_utf8 == 'error':
-      raise CorpusError(f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason}); '
-                        "--config.data.invalid_utf8=replace reads it anyway") from None
+    raise CorpusError(f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason}); '
+                      "--config.data.invalid_utf8=replace reads it anyway") from None
 
 
 def _glob(pattern: str, what: str) -> list[str]:
@@ -238,18 +237,25 @@ def split_plan(data_config) -> dict:
   return plan
 
 
-def local_files(data_config, split: str) -> list[str]:
-  """The (checked) files that `split` of a local corpus reads."""
+def _checked_parts(data_config, split: str) -> list[tuple[str, float, float]]:
+  """`split_plan(data_config)[split]`, its files checked (empty, binary, UTF-8)."""
   if split not in LOCAL_SPLITS:
     raise CorpusError(f'local corpora have splits {", ".join(LOCAL_SPLITS)}; got {split!r}')
+  if data_config.invalid_utf8 not in ('error', 'replace'):
+    raise CorpusError("data.invalid_utf8 must be 'error' or 'replace', got "
+                      f'{data_config.invalid_utf8!r}')
   parts = split_plan(data_config)[split]
   if not parts:
     raise CorpusError(f"the local corpus has no {split!r} split: set data.{split}_files or "
                       f'data.{split}_fraction')
-  paths = list(dict.fromkeys(p for p, _, _ in parts))
-  for path in paths:
+  for path in dict.fromkeys(p for p, _, _ in parts):
     check_text_file(path, data_config.invalid_utf8)
-  return paths
+  return parts
+
+
+def local_files(data_config, split: str) -> list[str]:
+  """The (checked) files that `split` of a local corpus reads."""
+  return list(dict.fromkeys(p for p, _, _ in _checked_parts(data_config, split)))
 
 
 def _file_bucket(path: str) -> float:
@@ -269,8 +275,7 @@ def _line_cut(raw: bytes, fraction: float) -> int:
 
 
 def _files_documents(data_config, split: str) -> tf.data.Dataset:
-  local_files(data_config, split)  # Checks the files and that the split exists.
-  parts = split_plan(data_config)[split]
+  parts = _checked_parts(data_config, split)
 
   def read(path, start, end):
     def cut(raw: bytes, start: float, end: float) -> bytes:
