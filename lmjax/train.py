@@ -134,7 +134,7 @@ def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
     _log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
   else:
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state, _ = train_state.create_state(model, tx, seq_len, mesh, init_rng)
+    state = train_state.create_state(model, tx, seq_len, state_shardings, init_rng)
   return state, state_shardings, checkpoints
 
 

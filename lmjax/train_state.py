@@ -112,21 +112,20 @@ def abstract_state(model, tx, seq_len: int, mesh):
   boxed_params = jax.eval_shape(lambda rng: model.init({'params': rng}, sample)['params'],
                                 jax.random.key(0))
   param_specs = nn.get_partition_spec(boxed_params)
-  abstract = jax.eval_shape(_init_fn(model, tx, sample), jax.random.key(0))
+  params = nn.unbox(boxed_params)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(tx.init, params), tx=tx)
   specs = abstract.replace(step=PartitionSpec(), params=param_specs,
-                           opt_state=_specs_like_params(abstract.opt_state, abstract.params,
-                                                        param_specs))
+                           opt_state=_specs_like_params(abstract.opt_state, params, param_specs))
   shardings = sharding.logical_to_sharding(specs, mesh)
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
 
 
-def create_state(model, tx, seq_len: int, mesh, rng):
-  """The initial state, created directly in its sharded layout."""
-  _, shardings = abstract_state(model, tx, seq_len, mesh)
+def create_state(model, tx, seq_len: int, shardings, rng):
+  """The initial state, created directly in `shardings` (from `abstract_state`)."""
   init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32))
   # No mesh context here: out_shardings places every leaf, and flax's DenseGeneral
   # would apply its kernel's constraint to the flattened kernel under one.
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  return jax.jit(init, out_shardings=shardings)(rng)

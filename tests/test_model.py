@@ -78,8 +78,9 @@ def optimizer_config(**fields):
 
 def run_steps(model, opt, tokens, num_steps, mesh):
   tx, schedule = train_state.make_optimizer(opt, 100)
-  state, shardings = train_state.create_state(model, tx, tokens.shape[1] - 1, mesh,
-                                              jax.random.key(0))
+  seq_len = tokens.shape[1] - 1
+  _, shardings = train_state.abstract_state(model, tx, seq_len, mesh)
+  state = train_state.create_state(model, tx, seq_len, shardings, jax.random.key(0))
   step = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
                                    deterministic=True), donate_argnums=0)
   batch = sharding.make_global_batch(jax.tree.map(np.asarray, batch_of(tokens)), mesh)

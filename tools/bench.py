@@ -46,7 +46,8 @@ def main(argv):
   mesh = sharding.make_mesh(config.mesh)
   model = models.build_model(config.model, vocab, seq_len)
   tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps)
-  state, shardings = train_state.create_state(model, tx, seq_len, mesh, jax.random.key(0))
+  _, shardings = train_state.abstract_state(model, tx, seq_len, mesh)
+  state = train_state.create_state(model, tx, seq_len, shardings, jax.random.key(0))
   num_params = models.count_params(state.params)
   step_fn = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
                                       deterministic=config.model.dropout == 0.0),
