@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from typing import Sequence
 
 import ml_collections
@@ -72,6 +73,19 @@ def check_overrides(argv: Sequence[str]) -> None:
   config = load_config_file(spec)
   for dotted in overrides:
     check_key_path(config, dotted)
+
+
+def define_config_flag(default: str | None = None) -> None:
+  """Defines the locked `--config` flag of an entry point, after checking every
+  `--config.*` override in sys.argv: a mistyped key exits here, naming the
+  valid ones, before anything runs."""
+  from ml_collections import config_flags
+  try:
+    check_overrides(sys.argv[1:])
+  except ConfigError as error:
+    sys.exit(f'error: {error}')
+  config_flags.DEFINE_config_file('config', default, 'Config file (configs/x.py[:arg]).',
+                                  lock_config=True)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -306,13 +306,7 @@ def _main(argv):
 def run():
   """Console entry point: checks --config.* keys before anything runs."""
   from absl import app, flags
-  from ml_collections import config_flags
-  try:
-    config_lib.check_overrides(sys.argv[1:])
-  except config_lib.ConfigError as error:
-    sys.exit(f'error: {error}')
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/x.py[:arg]).',
-                                  lock_config=True)
+  config_lib.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.',
                       required=True)
   flags.mark_flags_as_required(['config'])

@@ -15,11 +15,9 @@ import functools
 import json
 import resource
 import statistics
-import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from lmjax import config as config_lib
 
@@ -92,9 +90,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  try:
-    config_lib.check_overrides(sys.argv[1:])
-  except config_lib.ConfigError as error:
-    sys.exit(f'error: {error}')
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.', lock_config=True)
+  config_lib.define_config_flag('configs/default.py')
   app.run(main)

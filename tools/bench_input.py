@@ -11,12 +11,10 @@ ratio of the latter to the train step's consumption when `--step_ms` (from
 tools/bench.py) is given.
 """
 import json
-import sys
 import tempfile
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from lmjax import config as config_lib
 
@@ -59,9 +57,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  try:
-    config_lib.check_overrides(sys.argv[1:])
-  except config_lib.ConfigError as error:
-    sys.exit(f'error: {error}')
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.', lock_config=True)
+  config_lib.define_config_flag('configs/default.py')
   app.run(main)
