@@ -70,9 +70,9 @@ def encode_prompt(tokenizer, prompt: str, clean_config=None) -> np.ndarray:
   a new document (the EOS token)."""
   if clean_config is not None:
     prompt = cleaning.clean(prompt, clean_config)
-  unknown = getattr(tokenizer, 'unknown_chars', None)
-  if prompt and unknown is not None and unknown(prompt):
-    raise ValueError(f'the prompt has characters outside the vocabulary: {unknown(prompt)}')
+  unknown = getattr(tokenizer, 'unknown_chars', lambda text: [])(prompt)
+  if unknown:
+    raise ValueError(f'the prompt has characters outside the vocabulary: {unknown}')
   ids = tokenizer.encode(prompt) if prompt else np.zeros(0, np.int32)
   return np.concatenate([[tokenizer.eos_id], ids]).astype(np.int32)
 
