@@ -123,7 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_files = ''  # With name='files': test glob ('' = carve from files).
   c.data.validation_fraction = 0.1  # Share of files carved out for validation (no glob).
   c.data.test_fraction = 0.0  # Share of files carved out for test (no glob; 0 = no test split).
+  c.data.documents = ''  # Cut records into 'paragraphs' or 'lines' ('' = a record is a document).
   c.data.seq_len = 128  # Tokens per training example (the context length).
+  c.data.layout = 'windows'  # 'windows', 'packed' (documents apart) or 'stream' (see lmjax.data.pipeline).
   c.data.append_eos = True  # Append the end-of-document token to every document.
   c.data.invalid_utf8 = 'error'  # Local files: 'error' (naming file and byte offset) or 'replace'.
   c.data.clean = ml_collections.ConfigDict()  # Same cleaning for training, evaluation, prompts.

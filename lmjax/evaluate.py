@@ -21,11 +21,11 @@ def make_eval_fn(model, tokenizer, param_shardings, mesh):
 
 
 def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_size: int,
-             mesh, max_batches: int = -1) -> dict:
+             mesh, max_batches: int = -1, layout: str = 'windows') -> dict:
   """Metrics over the split (or its first `max_batches` batches), every token once."""
   totals = None
   batches = pipeline.eval_batches(stream, seq_len, batch_size, max_batches,
-                                  jax.process_index(), jax.process_count())
+                                  jax.process_index(), jax.process_count(), layout)
   with sharding.rules_and_mesh(mesh):
     for local in batches:
       sums = eval_fn(params, sharding.make_global_batch(local, mesh))

@@ -19,8 +19,14 @@ def token_losses(logits, targets):
   return losses, correct
 
 
+def apply_model(model, params, batch, **kwargs):
+  """Logits for a batch; packed batches also carry positions and segment_ids."""
+  return model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                     segment_ids=batch.get('segment_ids'), **kwargs)
+
+
 def loss_fn(params, model, batch, rng, deterministic: bool):
-  logits = model.apply({'params': params}, batch['inputs'], deterministic=deterministic,
+  logits = apply_model(model, params, batch, deterministic=deterministic,
                        rngs=None if deterministic else {'dropout': rng})
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
@@ -44,7 +50,7 @@ def train_step(state, batch, rng, *, model, schedule, deterministic: bool):
 
 def eval_step(params, batch, *, model, token_bytes):
   """Metric sums over a batch; `token_bytes[id]` is the UTF-8 size of a token."""
-  logits = model.apply({'params': params}, batch['inputs'], deterministic=True)
+  logits = apply_model(model, params, batch, deterministic=True)
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
   return {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),

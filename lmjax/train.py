@@ -143,6 +143,7 @@ def _setup(config, workdir: str) -> _Run:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
+  pipeline.check_layout(config.data.layout)
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_check(config.train.batch_size, mesh)
   sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
@@ -172,7 +173,8 @@ def _setup(config, workdir: str) -> _Run:
 
   def run_evaluation(params, stream, max_batches):
     return evaluate.evaluate(eval_fn, params, stream, config.data.seq_len,
-                             config.train.eval_batch_size, mesh, max_batches)
+                             config.train.eval_batch_size, mesh, max_batches,
+                             config.data.layout)
 
   return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
               train_stream=train_stream, eval_stream=eval_stream, baseline=baseline,
@@ -212,7 +214,8 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
   progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(run.model, run.num_params) *
                        tokens_per_step, metrics_lib.measure_peak_flops())
   batches = pipeline.train_batches(run.train_stream, seq_len, batch_size, config.seed,
-                                   start_step, jax.process_index(), jax.process_count())
+                                   start_step, jax.process_index(), jax.process_count(),
+                                   config.data.layout)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   eval_records = {}  # step -> eval metrics, written with that step's train record
   run_start = time.perf_counter()

@@ -35,7 +35,8 @@ def main(argv):
   start = time.perf_counter()
   stream = pipeline.tokenize_split(data, tokenizer, data.train_split)
   tokenize_s = time.perf_counter() - start
-  batches = pipeline.train_batches(stream, data.seq_len, config.train.batch_size, config.seed)
+  batches = pipeline.train_batches(stream, data.seq_len, config.train.batch_size, config.seed,
+                                   layout=data.layout)
   next(batches)  # Builds the tf.data graph.
   start = time.perf_counter()
   for _ in range(flags.FLAGS.batches):

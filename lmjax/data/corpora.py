@@ -288,8 +288,24 @@ def _files_documents(data_config, split: str) -> tf.data.Dataset:
       (list(paths), list(starts), list(ends))).map(read)
 
 
+DOCUMENT_UNITS = {'': None, 'paragraphs': '\n\n', 'lines': '\n'}
+
+
 def documents(data_config, split: str) -> tf.data.Dataset:
-  """A deterministic tf.data dataset of the split's documents (tf.string)."""
+  """A deterministic tf.data dataset of the split's documents (tf.string).
+
+  `data.documents` cuts each record (a tfds example, a local file) further into
+  paragraphs (blank-line separated) or lines; separators are dropped.
+  """
+  if data_config.documents not in DOCUMENT_UNITS:
+    raise CorpusError(f'data.documents must be one of {sorted(DOCUMENT_UNITS)}; got '
+                      f'{data_config.documents!r}')
   if data_config.name == 'files':
-    return _files_documents(data_config, split)
-  return _tfds_documents(data_config, split)
+    dataset = _files_documents(data_config, split)
+  else:
+    dataset = _tfds_documents(data_config, split)
+  separator = DOCUMENT_UNITS[data_config.documents]
+  if separator:
+    dataset = dataset.flat_map(
+        lambda text: tf.data.Dataset.from_tensor_slices(tf.strings.split(text, separator)))
+  return dataset

@@ -1,13 +1,27 @@
 """tf.data input pipeline: documents -> tokens -> fixed-length examples -> batches.
 
-Training batches are a pure function of (seed, step): each split is tokenized
-once into one stream (documents joined by the end-of-document token) and cut
-into windows of `seq_len + 1` tokens; every epoch visits the windows in its own
-seeded permutation (tf.random stateless shuffle) with its own random offset.
-So a run resumed at step k reads exactly the batches an uninterrupted run
-reads at steps k, k+1, ..., without saving any iterator state, and without
-replaying the k earlier batches. Each process keeps only its rows of every
-global batch.
+Each split is tokenized once into one stream (documents joined by the
+end-of-document token), then laid out as examples of `seq_len` tokens in one
+of three layouts (`data.layout`):
+
+  windows  windows of the stream (crossing document boundaries, as nanoGPT
+           does); every epoch visits them in its own seeded permutation with
+           its own random offset.
+  packed   each document (a leading end-of-document token as its first input,
+           the end-of-document token as its last target) greedily packed into
+           rows, with `segment_ids` (1, 2, ... per row; 0 = padding) and
+           `positions` that restart at every document, so attention is masked
+           between documents and padding carries no loss; rows are shuffled
+           per epoch.
+  stream   the stream cut into `batch` contiguous rows; consecutive steps
+           continue each row where the previous step stopped (stateful
+           recurrent training), and `reset` marks the first step of an epoch.
+
+Training batches are a pure function of (seed, step), computed by tf.data from
+the step number. A run resumed at step k therefore reads exactly the batches
+an uninterrupted run reads at steps k, k+1, ..., with no iterator state to
+save and no replay of the k earlier batches; the checkpoint's step *is* the
+pipeline's position. Each process keeps only its rows of every global batch.
 """
 import dataclasses
 from typing import Iterator
@@ -19,6 +33,8 @@ from lmjax.data import cleaning
 from lmjax.data import corpora
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
+LAYOUTS = ('windows', 'packed', 'stream')
+_OPEN_ROWS = 64  # Rows that packing keeps open for later, shorter documents.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +43,20 @@ class TokenStream:
   tokens: np.ndarray  # [num_tokens] int32
   num_documents: int
   num_bytes: int  # UTF-8 bytes of the text the tokens encode.
+  doc_starts: np.ndarray | None = None  # [num_documents + 1] offsets (None = one document)
+  eos_id: int = 0  # The end-of-document token (starts every packed document).
+  _packed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def document_offsets(self) -> np.ndarray:
+    if self.doc_starts is None:
+      return np.array([0, len(self.tokens)], np.int64)
+    return np.asarray(self.doc_starts, np.int64)
+
+  def packed(self, seq_len: int) -> dict:
+    """The stream's documents packed into rows of `seq_len` (computed once)."""
+    if seq_len not in self._packed:
+      self._packed[seq_len] = pack(self, seq_len)
+    return self._packed[seq_len]
 
 
 def texts(data_config, split: str) -> Iterator[str]:
@@ -41,7 +71,7 @@ def texts(data_config, split: str) -> Iterator[str]:
 
 def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
   """Tokenizes a whole split (documents joined by EOS when append_eos)."""
-  pieces, num_documents, num_bytes = [], 0, 0
+  pieces, lengths, num_documents, num_bytes = [], [], 0, 0
   eos = np.array([tokenizer.eos_id], np.int32)
   batch = []
 
@@ -50,6 +80,7 @@ def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
       pieces.append(ids)
       if data_config.append_eos:
         pieces.append(eos)
+      lengths.append(len(ids) + int(data_config.append_eos))
     batch.clear()
 
   for text in texts(data_config, split):
@@ -62,7 +93,70 @@ def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
   if num_documents == 0:
     raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no text')
   tokens = np.concatenate(pieces).astype(np.int32)
-  return TokenStream(tokens=tokens, num_documents=num_documents, num_bytes=num_bytes)
+  return TokenStream(tokens=tokens, num_documents=num_documents, num_bytes=num_bytes,
+                     doc_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                     eos_id=int(tokenizer.eos_id))
+
+
+def pack(stream: TokenStream, seq_len: int) -> dict:
+  """Greedy packing of the stream's documents, in corpus order.
+
+  Document d's targets are its tokens (ending with the end-of-document token
+  when append_eos); its inputs are the same tokens shifted right behind an
+  end-of-document token, so its first token is predicted from a fresh start.
+  A document longer than `seq_len` is cut into `seq_len` pieces; each piece
+  goes into the oldest of the last `_OPEN_ROWS` rows it fits in (first fit),
+  or starts a new row. Returns
+  numpy arrays [rows, seq_len]: inputs, targets (int32), segment_ids (int32,
+  1.. per row, 0 = padding), positions (int32) and weights (float32).
+  """
+  offsets = stream.document_offsets()
+  lengths = np.diff(offsets)
+  offsets, lengths = offsets[:-1][lengths > 0], lengths[lengths > 0]
+  # Documents -> pieces of at most seq_len tokens.
+  num_pieces = -(-lengths // seq_len)
+  doc_of_piece = np.repeat(np.arange(len(lengths)), num_pieces)
+  first_piece = np.cumsum(num_pieces) - num_pieces
+  piece_in_doc = np.arange(len(doc_of_piece)) - first_piece[doc_of_piece]
+  piece_start = offsets[doc_of_piece] + piece_in_doc * seq_len
+  piece_len = np.minimum(seq_len, offsets[doc_of_piece] + lengths[doc_of_piece] - piece_start)
+  # First fit over the most recent rows with room: a plain loop over piece
+  # lengths (ints), the rest vectorised.
+  piece_row = np.empty(len(piece_len), np.int64)
+  piece_col = np.empty(len(piece_len), np.int64)
+  piece_segment = np.empty(len(piece_len), np.int32)
+  open_rows = []  # [row, used, segments] of rows with room, oldest first
+  num_rows = 0
+  for i, n in enumerate(piece_len.tolist()):
+    slot = next((r for r in open_rows if r[1] + n <= seq_len), None)
+    if slot is None:
+      slot = [num_rows, 0, 0]
+      num_rows += 1
+      if n < seq_len:
+        open_rows.append(slot)
+        if len(open_rows) > _OPEN_ROWS:
+          open_rows.pop(0)
+    piece_row[i], piece_col[i], piece_segment[i] = slot[0], slot[1], slot[2] + 1
+    slot[1] += n
+    slot[2] += 1
+    if slot[1] == seq_len and slot in open_rows:
+      open_rows.remove(slot)
+  within = np.arange(int(piece_len.sum())) - np.repeat(np.cumsum(piece_len) - piece_len, piece_len)
+  source = np.repeat(piece_start, piece_len) + within
+  target = np.repeat(piece_row * seq_len + piece_col, piece_len) + within
+  shape = (num_rows, seq_len)
+  targets = np.zeros(shape, np.int32).reshape(-1)
+  inputs = np.zeros(shape, np.int32).reshape(-1)
+  segment_ids = np.zeros(shape, np.int32).reshape(-1)
+  positions = np.zeros(shape, np.int32).reshape(-1)
+  targets[target] = stream.tokens[source]
+  doc_start = (within == 0) & np.repeat(piece_in_doc == 0, piece_len)
+  inputs[target] = np.where(doc_start, stream.eos_id, stream.tokens[np.maximum(source - 1, 0)])
+  segment_ids[target] = np.repeat(piece_segment, piece_len)
+  positions[target] = within
+  return {'inputs': inputs.reshape(shape), 'targets': targets.reshape(shape),
+          'segment_ids': segment_ids.reshape(shape), 'positions': positions.reshape(shape),
+          'weights': (segment_ids > 0).astype(np.float32).reshape(shape)}
 
 
 def _local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -78,72 +172,156 @@ def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
   return max(0, (num_tokens - 1 - seq_len) // seq_len)
 
 
-def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: int,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
-  """Infinite training batches from `start_step` on: this process' rows.
+def steps_per_epoch(stream: TokenStream, seq_len: int, global_batch: int,
+                    layout: str = 'windows') -> int:
+  """Training steps in one pass over the split (0 = less than one batch)."""
+  check_layout(layout)
+  if layout == 'windows':
+    return windows_per_epoch(len(stream.tokens), seq_len) // global_batch
+  if layout == 'packed':
+    return len(stream.packed(seq_len)['inputs']) // global_batch
+  return (len(stream.tokens) - 1) // global_batch // seq_len
 
-  Yields dicts of numpy arrays: inputs, targets [rows, seq_len] int32 and
-  weights [rows, seq_len] float32.
-  """
-  rows = _local_rows(global_batch, process_index, process_count)
-  per_epoch = windows_per_epoch(len(stream.tokens), seq_len)
-  if per_epoch < global_batch:
-    needed = (global_batch + 1) * seq_len + 1
-    raise corpora.CorpusError(
-        f'the training split has {len(stream.tokens)} tokens; one batch of {global_batch} x '
-        f'{seq_len} needs at least {needed}')
-  first_example = start_step * global_batch
-  first_epoch, skip = divmod(first_example, per_epoch)
-  tokens = tf.constant(stream.tokens)
 
-  def epoch_starts(epoch):
-    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(per_epoch, dtype=tf.int64), seed=epoch_seed)
-    offset = tf.random.stateless_uniform([], seed=epoch_seed + 1, maxval=seq_len, dtype=tf.int64)
-    return tf.data.Dataset.from_tensor_slices(order * seq_len + offset)
+def check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ValueError(f'data.layout must be one of {", ".join(LAYOUTS)}; got {layout!r}')
 
-  def gather(starts):
-    starts = starts[rows.start:rows.stop]
-    index = starts[:, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
-    window = tf.gather(tokens, index)
-    return {'inputs': window[:, :-1], 'targets': window[:, 1:],
-            'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32)}
 
-  dataset = (tf.data.Dataset.range(first_epoch, 2**62)
-             .flat_map(epoch_starts)
-             .skip(skip)
-             .batch(global_batch, drop_remainder=True)
-             .map(gather, num_parallel_calls=1)
-             .prefetch(4))
+def _too_small(stream: TokenStream, seq_len: int, global_batch: int, layout: str):
+  if layout == 'packed':
+    rows = len(stream.packed(seq_len)['inputs'])
+    return corpora.CorpusError(
+        f'the training split has {len(stream.tokens)} tokens in {stream.num_documents} '
+        f'documents, which pack into {rows} rows of {seq_len}; one batch needs {global_batch} rows')
+  needed = (global_batch + 1) * seq_len + 1 if layout == 'windows' else global_batch * seq_len + 1
+  return corpora.CorpusError(
+      f'the training split has {len(stream.tokens)} tokens; one batch of {global_batch} x '
+      f'{seq_len} needs at least {needed} (layout {layout!r})')
+
+
+def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = 2  # XLA needs the cores more.
-  return dataset.with_options(options).as_numpy_iterator()
+  return dataset.prefetch(4).with_options(options)
+
+
+def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  layout: str = 'windows') -> Iterator[dict]:
+  """Infinite training batches from `start_step` on: this process' rows.
+
+  Yields dicts of numpy arrays [rows, seq_len]: inputs, targets (int32) and
+  weights (float32); `packed` adds segment_ids and positions, `stream` adds
+  reset [rows] (1.0 on the first step of an epoch).
+  """
+  rows = _local_rows(global_batch, process_index, process_count)
+  per_epoch = steps_per_epoch(stream, seq_len, global_batch, layout)
+  if per_epoch == 0:
+    raise _too_small(stream, seq_len, global_batch, layout)
+  if layout == 'stream':
+    return _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch)
+
+  def epoch_order(epoch, count):
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
+                                                     seed=epoch_seed)
+    return order, epoch_seed
+
+  if layout == 'windows':
+    count = windows_per_epoch(len(stream.tokens), seq_len)
+    tokens = tf.constant(stream.tokens)
+
+    def examples_of_epoch(epoch):
+      order, epoch_seed = epoch_order(epoch, count)
+      offset = tf.random.stateless_uniform([], seed=epoch_seed + 1, maxval=seq_len,
+                                           dtype=tf.int64)
+      return tf.data.Dataset.from_tensor_slices(order * seq_len + offset)
+
+    def gather(starts):
+      index = starts[rows.start:rows.stop, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
+      window = tf.gather(tokens, index)
+      return {'inputs': window[:, :-1], 'targets': window[:, 1:],
+              'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32)}
+  else:
+    packed = {k: tf.constant(v) for k, v in stream.packed(seq_len).items()}
+    count = int(packed['inputs'].shape[0])
+
+    def examples_of_epoch(epoch):
+      return tf.data.Dataset.from_tensor_slices(epoch_order(epoch, count)[0])
+
+    def gather(row_ids):
+      return {k: tf.gather(v, row_ids[rows.start:rows.stop]) for k, v in packed.items()}
+
+  first_epoch, skip = divmod(start_step * global_batch, count)
+  dataset = (tf.data.Dataset.range(first_epoch, 2**62)
+             .flat_map(examples_of_epoch)
+             .skip(skip)
+             .batch(global_batch, drop_remainder=True)
+             .map(gather, num_parallel_calls=1))
+  return _deterministic(dataset).as_numpy_iterator()
+
+
+def _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch):
+  row_len = (len(stream.tokens) - 1) // global_batch
+  tokens = tf.constant(stream.tokens)
+  row_starts = tf.range(rows.start, rows.stop, dtype=tf.int64) * row_len
+  span = tf.range(seq_len + 1, dtype=tf.int64)
+
+  def batch_of_step(step):
+    position = step % per_epoch
+    window = tf.gather(tokens, row_starts[:, None] + position * seq_len + span[None, :])
+    num_rows = rows.stop - rows.start
+    return {'inputs': window[:, :-1], 'targets': window[:, 1:],
+            'weights': tf.ones([num_rows, seq_len], tf.float32),
+            'reset': tf.fill([num_rows], tf.cast(position == 0, tf.float32))}
+
+  dataset = tf.data.Dataset.range(start_step, 2**62).map(batch_of_step, num_parallel_calls=1)
+  return _deterministic(dataset).as_numpy_iterator()
 
 
 def eval_batches(stream: TokenStream, seq_len: int, global_batch: int,
                  max_batches: int = -1, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
-  """Every target token of the split exactly once, in order; padding weighs 0."""
+                 process_count: int = 1, layout: str = 'windows') -> Iterator[dict]:
+  """Every target token of the split exactly once; padding weighs 0.
+
+  `windows` and `stream`: the stream is cut into `global_batch` contiguous
+  rows (the same seq_len windows either way, so their metrics agree), and
+  batch i holds window i of every row, so a recurrent model can carry its
+  state across batches; `reset` is 1.0 on the first batch. `max_batches`
+  keeps the first windows of every row. `packed`: the packed rows in order.
+  """
+  check_layout(layout)
   rows = _local_rows(global_batch, process_index, process_count)
+  if layout == 'packed':
+    packed = stream.packed(seq_len)
+    num_batches = -(-len(packed['inputs']) // global_batch)
+    if max_batches >= 0:
+      num_batches = min(num_batches, max_batches)
+    for i in range(num_batches):
+      batch = {}
+      for name, value in packed.items():
+        chunk = value[i * global_batch:(i + 1) * global_batch]
+        padding = np.zeros((global_batch - len(chunk), seq_len), value.dtype)
+        batch[name] = np.concatenate([chunk, padding])[rows]
+      yield batch
+    return
   tokens = stream.tokens
-  num_targets = len(tokens) - 1
-  num_windows = -(-num_targets // seq_len)
-  num_batches = -(-num_windows // global_batch)
-  if max_batches >= 0:
-    num_batches = min(num_batches, max_batches)
-  padded = np.zeros(num_batches * global_batch * seq_len + 1, np.int32)
-  weights = np.zeros(num_batches * global_batch * seq_len, np.float32)
-  used = min(len(tokens), len(padded))
-  padded[:used] = tokens[:used]
-  weights[:used - 1] = 1.0
-  inputs = padded[:-1].reshape(num_batches, global_batch, seq_len)
-  targets = padded[1:].reshape(num_batches, global_batch, seq_len)
-  weights = weights.reshape(num_batches, global_batch, seq_len)
+  num_windows = -(-(len(tokens) - 1) // seq_len)
+  windows_per_row = -(-num_windows // global_batch)
+  row_len = windows_per_row * seq_len
+  padded = np.zeros(global_batch * row_len + 1, np.int32)
+  weights = np.zeros(global_batch * row_len, np.float32)
+  padded[:len(tokens)] = tokens
+  weights[:len(tokens) - 1] = 1.0
+  inputs = padded[:-1].reshape(global_batch, windows_per_row, seq_len)[rows]
+  targets = padded[1:].reshape(global_batch, windows_per_row, seq_len)[rows]
+  weights = weights.reshape(global_batch, windows_per_row, seq_len)[rows]
+  num_batches = windows_per_row if max_batches < 0 else min(windows_per_row, max_batches)
   for i in range(num_batches):
-    yield {'inputs': inputs[i, rows], 'targets': targets[i, rows], 'weights': weights[i, rows]}
+    yield {'inputs': inputs[:, i], 'targets': targets[:, i], 'weights': weights[:, i],
+           'reset': np.full([len(inputs)], float(i == 0), np.float32)}
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:

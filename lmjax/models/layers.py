@@ -114,7 +114,8 @@ def rope(x, positions, base: float = 10_000.0):
 
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention: one fused QKV projection, then
-  `jax.nn.dot_product_attention` (XLA on CPU/TPU; cuDNN where available)."""
+  `jax.nn.dot_product_attention` (XLA on CPU/TPU; cuDNN where available).
+  With `segment_ids` [batch, length], a token attends only within its segment."""
   num_heads: int
   use_rope: bool = False
   out_init_scale: float = 1.0  # Residual projections are scaled down by depth.
@@ -122,7 +123,7 @@ class CausalSelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions):  # x: [batch, length, embed]
+  def __call__(self, x, positions, segment_ids=None):  # x: [batch, length, embed]
     embed_dim = x.shape[-1]
     if embed_dim % self.num_heads:
       raise ValueError(f'model.embed_dim={embed_dim} is not divisible by '
@@ -135,7 +136,10 @@ class CausalSelfAttention(nn.Module):
     query, key, value = qkv[0], qkv[1], qkv[2]  # [batch, length, heads, kv]
     if self.use_rope:
       query, key = rope(query, positions), rope(key, positions)
-    out = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+    mask = None
+    if segment_ids is not None:  # Packed rows: no attention across documents.
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     return einsum((self.num_heads, head_dim, embed_dim), ('heads', 'kv', 'embed'),
                   'blhk,hkd->bld', init_scale=self.out_init_scale, name='out')(out)

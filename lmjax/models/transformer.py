@@ -21,12 +21,13 @@ class Block(nn.Module):
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, positions, deterministic: bool):  # [batch, length, embed]
+  def __call__(self, x, positions, segment_ids, deterministic: bool):  # [batch, length, embed]
     kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention = layers.CausalSelfAttention(self.num_heads, use_rope=self.use_rope,
                                            out_init_scale=self.out_init_scale, name='attention',
                                            **kinds)
-    h = attention(layers.Norm(self.norm, name='attention_norm', **kinds)(x), positions)
+    h = attention(layers.Norm(self.norm, name='attention_norm', **kinds)(x), positions,
+                  segment_ids)
     x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
     mlp = layers.Mlp(self.mlp_dim, kind=self.mlp, out_init_scale=self.out_init_scale,
                      name='mlp', **kinds)
@@ -36,7 +37,10 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-  """Token ids [batch, length] -> next-token logits [batch, length, vocab]."""
+  """Token ids [batch, length] -> next-token logits [batch, length, vocab].
+
+  Packed rows pass `positions` (restarting at each document) and `segment_ids`
+  (attention stays within a segment)."""
   vocab_size: int
   max_len: int
   num_layers: int = 4
@@ -59,7 +63,7 @@ class TransformerLM(nn.Module):
     return 4 * self.embed_dim
 
   @nn.compact
-  def __call__(self, tokens, positions=None, deterministic: bool = True):
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
     if self.positions not in ('learned', 'rope'):
       raise ValueError(f"model.positions must be 'learned' or 'rope', got {self.positions!r}")
     batch, length = tokens.shape
@@ -81,7 +85,8 @@ class TransformerLM(nn.Module):
       x = Block(num_heads=self.num_heads, mlp_dim=self.hidden_dim(), mlp=self.mlp,
                 norm=self.norm, use_rope=self.positions == 'rope', dropout=self.dropout,
                 out_init_scale=1.0 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'block_{i}')(x, positions, deterministic)
+                param_dtype=self.param_dtype, name=f'block_{i}')(x, positions, segment_ids,
+                                                                  deterministic)
     x = layers.Norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
                     name='final_norm')(x)
     if self.tie_embeddings:
