@@ -20,14 +20,21 @@ class ConfigError(ValueError):
   """A config file or override that cannot be used."""
 
 
+def import_file(path: str, name: str = '_lmjax_config'):
+  """The Python module at `path` (config files need not be on sys.path; one may
+  share settings with a sibling: `import_file(os.path.join(os.path.dirname(__file__), ...))`)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path.py` or `path.py:arg` and returns its `get_config(arg)`."""
   path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise ConfigError(f'config file {path!r} does not exist')
-  module_spec = importlib.util.spec_from_file_location('_lmjax_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = import_file(path)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config()')
   return module.get_config(arg) if arg else module.get_config()
@@ -146,10 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.min_count = 1  # words: rarer words become <unk>.
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = 'transformer'  # Model family (see lmjax.models.FAMILIES).
-  c.model.num_layers = 4  # Transformer blocks.
+  c.model.family = 'transformer'  # 'transformer', or recurrent: 'rnn' (Elman, tanh), 'lstm', 'gru'.
+  c.model.num_layers = 4  # Transformer blocks / recurrent layers.
   c.model.num_heads = 4  # Attention heads.
-  c.model.embed_dim = 128  # Residual stream width.
+  c.model.embed_dim = 128  # Residual stream width / recurrent models' embedding size.
+  c.model.hidden_dim = 0  # Recurrent models: hidden units per layer (0 = embed_dim).
+  c.model.init_scale = 0.0  # Recurrent models: uniform(-s, s) init of every parameter (0 = 1/sqrt(hidden)).
   c.model.mlp_dim = 0  # MLP hidden width (0 = 4 * embed_dim, or 8/3 * embed_dim for swiglu).
   c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'.
   c.model.positions = 'learned'  # 'learned' or 'rope'.
@@ -163,8 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'  # 'adamw', 'adam', 'sgd', 'rmsprop' or 'adafactor'.
   c.optimizer.learning_rate = 1e-3  # Peak learning rate.
-  c.optimizer.schedule = 'cosine'  # 'constant', 'linear', 'cosine' or 'rsqrt'.
-  c.optimizer.warmup_steps = 100  # Linear warm-up from 0 to the peak.
+  c.optimizer.schedule = 'cosine'  # 'constant', 'linear', 'cosine', 'rsqrt' or 'epochs'.
+  c.optimizer.decay_after_epochs = 4  # 'epochs': the peak holds this many epochs, then ...
+  c.optimizer.decay_factor = 0.5  # ... is multiplied by this at the start of every later epoch.
+  c.optimizer.warmup_steps = 100  # Linear warm-up from 0 to the peak (not for 'epochs').
   c.optimizer.min_learning_rate = 1e-4  # End of linear/cosine decay.
   c.optimizer.b1 = 0.9  # Adam(W) beta1.
   c.optimizer.b2 = 0.99  # Adam(W) beta2; RMSprop decay.
@@ -177,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # Global batch size (all hosts and devices).
   c.train.num_steps = 1000  # Optimizer steps (the schedule's length).
+  c.train.num_epochs = 0  # > 0: train this many passes over the split (sets num_steps).
+  c.train.carry_state = True  # Recurrent models, stream layout: carry the hidden state across steps.
+  c.train.loss_normalization = 'tokens'  # 'tokens' (mean), or 'rows' (summed over time, mean over rows: Zaremba et al.).
   c.train.stop_at = 0  # Stop with a checkpoint at this step, to resume later (0 = num_steps).
   c.train.log_every = 50  # Steps between progress lines and metric records.
   c.train.eval_every = 250  # Steps between evaluations (0 = only at the end).

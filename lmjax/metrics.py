@@ -61,8 +61,12 @@ def summarize(sums: dict) -> dict:
 def flops_per_token(model, num_params: int) -> float:
   """Training FLOPs per token: 6 x matmul parameters + causal attention (PaLM's count).
 
-  The learned position table is a lookup, not a matmul, so it is left out.
+  The learned position table is a lookup, not a matmul, so it is left out; so
+  is a recurrent model's untied input embedding.
   """
+  if getattr(model, 'recurrent', False):
+    lookup = 0 if model.tie_embeddings else model.vocab_size * model.embed_dim
+    return 6.0 * (num_params - lookup)
   matmul_params = num_params - (model.max_len * model.embed_dim
                                 if getattr(model, 'positions', '') == 'learned' else 0)
   attention = 12 * model.num_layers * model.max_len * model.embed_dim

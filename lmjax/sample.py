@@ -3,9 +3,10 @@
     python -m lmjax.sample --workdir DIR --prompt "def " [--step N]
 
 Generation runs as one jitted loop over a fixed-size token buffer, so it
-compiles once whatever the number of tokens. Each new token recomputes the
-model over the last `max_len` tokens (a KV cache comes with the evaluation
-issue).
+compiles once whatever the number of tokens. For a Transformer, each new token
+recomputes the model over the last `max_len` tokens (a KV cache comes with the
+evaluation issue); a recurrent model reads the prompt once and then steps its
+carried state one token at a time.
 """
 import functools
 import os
@@ -39,14 +40,36 @@ def _generate(params, buffer, rng, *, model, prompt_len, total_len, temperature,
     context = jax.lax.dynamic_slice_in_dim(buffer, start, window, axis=1)  # [batch, window]
     logits = model.apply({'params': params}, context, deterministic=True)
     last = jax.lax.dynamic_index_in_dim(logits, position - 1 - start, axis=1, keepdims=False)
-    if temperature == 0.0:
-      token = jnp.argmax(_filter_logits(last, 1.0, 0, vocab_size), axis=-1)
-    else:
-      key = jax.random.fold_in(rng, position)
-      token = jax.random.categorical(key, _filter_logits(last, temperature, top_k, vocab_size))
+    token = _pick(last, rng, position, temperature, top_k, vocab_size)
     return jax.lax.dynamic_update_index_in_dim(buffer, token.astype(buffer.dtype), position, 1)
 
   return jax.lax.fori_loop(prompt_len, total_len, body, buffer)
+
+
+def _pick(logits, rng, position, temperature: float, top_k: int, vocab_size: int):
+  """The next token from the last position's logits: greedy, or sampled."""
+  if temperature == 0.0:
+    return jnp.argmax(_filter_logits(logits, 1.0, 0, vocab_size), axis=-1)
+  key = jax.random.fold_in(rng, position)
+  return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, vocab_size))
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'prompt_len', 'total_len', 'temperature',
+                                             'top_k', 'vocab_size'))
+def _generate_recurrent(params, buffer, rng, *, model, prompt_len, total_len, temperature,
+                        top_k, vocab_size):
+  """A recurrent model reads the prompt once, then one token per step with its carry."""
+  logits, carry = model.apply({'params': params}, buffer[:, :prompt_len], deterministic=True)
+
+  def body(position, state):
+    last, carry, buffer = state
+    token = _pick(last, rng, position, temperature, top_k, vocab_size).astype(buffer.dtype)
+    buffer = jax.lax.dynamic_update_index_in_dim(buffer, token, position, 1)
+    logits, carry = model.apply({'params': params}, token[:, None], carry=carry,
+                                deterministic=True)
+    return logits[:, -1], carry, buffer
+
+  return jax.lax.fori_loop(prompt_len, total_len, body, (logits[:, -1], carry, buffer))[2]
 
 
 def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
@@ -59,7 +82,8 @@ def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
   total_len = prompt_len + max_new_tokens
   buffer = np.zeros((num_samples, total_len), np.int32)
   buffer[:, :prompt_len] = prompt_ids
-  out = _generate(params, jnp.asarray(buffer), jax.random.key(seed), model=model,
+  loop = _generate_recurrent if getattr(model, 'recurrent', False) else _generate
+  out = loop(params, jnp.asarray(buffer), jax.random.key(seed), model=model,
                   prompt_len=prompt_len, total_len=total_len, temperature=float(temperature),
                   top_k=int(top_k), vocab_size=vocab_size)
   return np.asarray(out)[:, prompt_len:]
@@ -112,9 +136,11 @@ def _main(argv):
   config = config_lib.from_json(checkpoint.read_json(checkpoints, step, 'config'))
   tokenizer = tokenizers.from_json(checkpoint.read_json(checkpoints, step, 'tokenizer'))
   model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
-  tx, _ = train_state.make_optimizer(config.optimizer, config.train.num_steps)
+  # Only the optimizer state's structure matters here, not the schedule's values.
+  tx, _ = train_state.make_optimizer(config.optimizer, config.train.num_steps, steps_per_epoch=1)
   mesh = sharding.make_mesh(config.mesh)
-  abstract, _ = train_state.abstract_state(model, tx, config.data.seq_len, mesh)
+  abstract, _ = train_state.abstract_state(model, tx, config.data.seq_len, mesh,
+                                           train_state.carry_rows(config, model))
   state = checkpoint.restore_state(checkpoints, step, abstract)
   sample_config = config.sample
   for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'seed'):

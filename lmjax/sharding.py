@@ -25,6 +25,9 @@ LOGICAL_RULES = (
     ('kv', None),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
+    ('gates', None),  # recurrent models: gate axis of a cell's kernels
+    ('hidden', None),  # recurrent models: hidden units (outputs)
+    ('hidden_in', 'fsdp'),  # recurrent models: hidden units (inputs of W_hh)
 )
 
 

@@ -19,40 +19,60 @@ def token_losses(logits, targets):
   return losses, correct
 
 
-def apply_model(model, params, batch, **kwargs):
-  """Logits for a batch; packed batches also carry positions and segment_ids."""
-  return model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
-                     segment_ids=batch.get('segment_ids'), **kwargs)
+def apply_model(model, params, batch, carry=None, **kwargs):
+  """(logits, carry) for a batch. Packed batches also carry positions and
+  segment_ids; recurrent models take the previous carry (None = zeros) and the
+  batch's `reset` rows, and return the next carry (a Transformer's is None)."""
+  if getattr(model, 'recurrent', False):
+    return model.apply({'params': params}, batch['inputs'], carry=carry,
+                       reset=batch.get('reset'), **kwargs)
+  logits = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
+                       segment_ids=batch.get('segment_ids'), **kwargs)
+  return logits, None
 
 
-def loss_fn(params, model, batch, rng, deterministic: bool):
-  logits = apply_model(model, params, batch, deterministic=deterministic,
-                       rngs=None if deterministic else {'dropout': rng})
+def loss_fn(params, model, batch, rng, deterministic: bool, carry=None,
+            normalization: str = 'tokens'):
+  """Mean loss per target token ('tokens'), or per row ('rows': summed over time
+  and averaged over the rows, as Zaremba et al. train); aux: (sums, carry)."""
+  logits, carry = apply_model(model, params, batch, carry, deterministic=deterministic,
+                              rngs=None if deterministic else {'dropout': rng})
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
   weight_sum = jnp.sum(weights)
-  loss = jnp.sum(losses * weights) / jnp.maximum(weight_sum, 1.0)
-  sums = {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),
+  loss_sum = jnp.sum(losses * weights)
+  if normalization == 'tokens':
+    loss = loss_sum / jnp.maximum(weight_sum, 1.0)
+  elif normalization == 'rows':
+    loss = loss_sum / weights.shape[0]
+  else:
+    raise ValueError(f"train.loss_normalization must be 'tokens' or 'rows'; got {normalization!r}")
+  sums = {'loss_sum': loss_sum, 'correct_sum': jnp.sum(correct * weights),
           'weight_sum': weight_sum}
-  return loss, sums
+  return loss, (sums, carry)
 
 
-def train_step(state, batch, rng, *, model, schedule, deterministic: bool):
-  """One optimizer step; returns the new state and metric sums."""
+def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
+               normalization: str = 'tokens'):
+  """One optimizer step; returns the new state and metric sums. A state with a
+  carry (recurrent model, carried rows) passes the new one to the next step."""
   rng = jax.random.fold_in(rng, state.step)  # A resumed run draws the same randomness.
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, sums), grads = grad_fn(state.params, model, batch, rng, deterministic)
+  (_, (sums, carry)), grads = grad_fn(state.params, model, batch, rng, deterministic,
+                                      state.carry, normalization)
   new_state = state.apply_gradients(grads)
+  if state.carry is not None:
+    new_state = new_state.replace(carry=carry)
   metrics = dict(sums, grad_norm=optax.tree.norm(grads),
                  learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model, token_bytes):
-  """Metric sums over a batch; `token_bytes[id]` is the UTF-8 size of a token."""
-  logits = apply_model(model, params, batch, deterministic=True)
+def eval_step(params, batch, carry, *, model, token_bytes):
+  """(metric sums over a batch, carry); `token_bytes[id]` is the UTF-8 size of a token."""
+  logits, carry = apply_model(model, params, batch, carry, deterministic=True)
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
   return {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),
           'weight_sum': jnp.sum(weights),
-          'byte_sum': jnp.sum(token_bytes[batch['targets']] * weights)}
+          'byte_sum': jnp.sum(token_bytes[batch['targets']] * weights)}, carry

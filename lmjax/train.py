@@ -125,7 +125,8 @@ class _Run:
 
 def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
   seq_len = config.data.seq_len
-  abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh)
+  carry_rows = train_state.carry_rows(config, model)
+  abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   latest = checkpoints.latest_step()
   if latest is not None:
@@ -134,7 +135,7 @@ def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
     _log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
   else:
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = train_state.create_state(model, tx, seq_len, state_shardings, init_rng)
+    state = train_state.create_state(model, tx, seq_len, state_shardings, init_rng, carry_rows)
   return state, state_shardings, checkpoints
 
 
@@ -155,8 +156,15 @@ def _setup(config, workdir: str) -> _Run:
        f'{tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}; '
        f'unigram entropy {baseline:.3f} nats/token')
 
+  per_epoch = pipeline.require_steps_per_epoch(train_stream, config.data.seq_len,
+                                               config.train.batch_size, config.data.layout)
+  if config.train.num_epochs > 0:
+    config.train.num_steps = config.train.num_epochs * per_epoch
+    if jax.process_index() == 0:
+      config_lib.save(config, workdir)
+    _log(f'{config.train.num_epochs} epochs of {per_epoch} steps: {config.train.num_steps} steps')
   model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
-  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps)
+  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps, per_epoch)
   state, state_shardings, checkpoints = _restore_or_create_state(config, workdir, model, tx,
                                                                  mesh, tokenizer)
   num_params = models.count_params(state.params)
@@ -166,15 +174,18 @@ def _setup(config, workdir: str) -> _Run:
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(
       functools.partial(steps.train_step, model=model, schedule=schedule,
-                        deterministic=config.model.dropout == 0.0),
+                        deterministic=config.model.dropout == 0.0,
+                        normalization=config.train.loss_normalization),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_fn = evaluate.make_eval_fn(model, tokenizer, state_shardings.params, mesh)
 
+  carry_eval = train_state.carry_rows(config, model) > 0  # evaluate as it was trained
+
   def run_evaluation(params, stream, max_batches):
     return evaluate.evaluate(eval_fn, params, stream, config.data.seq_len,
                              config.train.eval_batch_size, mesh, max_batches,
-                             config.data.layout)
+                             config.data.layout, model, carry_eval)
 
   return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
               train_stream=train_stream, eval_stream=eval_stream, baseline=baseline,

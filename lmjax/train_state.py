@@ -9,17 +9,21 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from lmjax import sharding
+from lmjax.models import recurrent
 
 OPTIMIZERS = ('adamw', 'adam', 'sgd', 'rmsprop', 'adafactor')
-SCHEDULES = ('constant', 'linear', 'cosine', 'rsqrt')
+SCHEDULES = ('constant', 'linear', 'cosine', 'rsqrt', 'epochs')
 
 
 class TrainState(struct.PyTreeNode):
-  """What a checkpoint holds: step, parameters and optimizer state."""
+  """What a checkpoint holds: step, parameters, optimizer state and, for a
+  recurrent model trained on carried rows, the hidden state carried into the
+  next step (None otherwise)."""
   step: jax.Array
   params: Any
   opt_state: Any
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  carry: Any = None
 
   def apply_gradients(self, grads) -> 'TrainState':
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -27,10 +31,20 @@ class TrainState(struct.PyTreeNode):
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
 
-def make_schedule(opt, num_steps: int) -> optax.Schedule:
-  """Linear warm-up to the peak, then constant / linear / cosine / rsqrt decay."""
+def make_schedule(opt, num_steps: int, steps_per_epoch: int = 0) -> optax.Schedule:
+  """Linear warm-up to the peak, then constant / linear / cosine / rsqrt decay;
+  or 'epochs' (no warm-up): the peak for `decay_after_epochs` epochs, then
+  times `decay_factor` at the start of every later epoch (Zaremba et al. 2014)."""
   peak, warmup, end = opt.learning_rate, max(0, opt.warmup_steps), opt.min_learning_rate
   decay_steps = max(1, num_steps - warmup)
+  if opt.schedule == 'epochs':
+    if steps_per_epoch <= 0:
+      raise ValueError("optimizer.schedule='epochs' needs the steps per epoch of the data")
+    def epochs(count):
+      epoch = jnp.asarray(count) // steps_per_epoch  # 0-based
+      decays = jnp.maximum(epoch + 1 - opt.decay_after_epochs, 0).astype(jnp.float32)
+      return peak * jnp.asarray(opt.decay_factor, jnp.float32) ** decays
+    return epochs
   if opt.schedule == 'constant':
     after = optax.constant_schedule(peak)
   elif opt.schedule == 'linear':
@@ -52,8 +66,9 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = make_schedule(opt, num_steps)
+def make_optimizer(opt, num_steps: int, steps_per_epoch: int = 0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(opt, num_steps, steps_per_epoch)
   if opt.name == 'adamw':
     core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                        weight_decay=opt.weight_decay, mask=decay_mask)
@@ -76,11 +91,21 @@ def make_optimizer(opt, num_steps: int) -> tuple[optax.GradientTransformation, o
   return core, schedule
 
 
-def _init_fn(model, tx, sample_tokens) -> Callable:
+def carry_rows(config, model) -> int:
+  """Rows of hidden state a run carries from step to step: the global batch for a
+  recurrent model trained on the `stream` layout with train.carry_state, else 0."""
+  if (getattr(model, 'recurrent', False) and config.data.layout == 'stream'
+      and config.train.carry_state):
+    return config.train.batch_size
+  return 0
+
+
+def _init_fn(model, tx, sample_tokens, carry_rows: int) -> Callable:
   def init(rng):
     params = nn.unbox(model.init({'params': rng}, sample_tokens)['params'])
+    carry = recurrent.initial_carry(model, carry_rows) if carry_rows else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), tx=tx)
+                      opt_state=tx.init(params), tx=tx, carry=carry)
   return init
 
 
@@ -106,26 +131,32 @@ def _is_spec(x) -> bool:
   return isinstance(x, PartitionSpec)
 
 
-def abstract_state(model, tx, seq_len: int, mesh):
-  """(abstract state, its NamedShardings), without allocating anything."""
+def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0):
+  """(abstract state, its NamedShardings), without allocating anything.
+  `carry_rows` > 0 gives the state a recurrent model's carry for that many rows."""
   sample = jnp.zeros((1, seq_len), jnp.int32)
   boxed_params = jax.eval_shape(lambda rng: model.init({'params': rng}, sample)['params'],
                                 jax.random.key(0))
   param_specs = nn.get_partition_spec(boxed_params)
   params = nn.unbox(boxed_params)
+  carry = carry_spec = None
+  if carry_rows:
+    carry = jax.ShapeDtypeStruct(recurrent.carry_shape(model, carry_rows), jnp.float32)
+    carry_spec = PartitionSpec(*recurrent.CARRY_AXES)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(tx.init, params), tx=tx)
+                        opt_state=jax.eval_shape(tx.init, params), tx=tx, carry=carry)
   specs = abstract.replace(step=PartitionSpec(), params=param_specs,
-                           opt_state=_specs_like_params(abstract.opt_state, params, param_specs))
+                           opt_state=_specs_like_params(abstract.opt_state, params, param_specs),
+                           carry=carry_spec)
   shardings = sharding.logical_to_sharding(specs, mesh)
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
 
 
-def create_state(model, tx, seq_len: int, shardings, rng):
+def create_state(model, tx, seq_len: int, shardings, rng, carry_rows: int = 0):
   """The initial state, created directly in `shardings` (from `abstract_state`)."""
-  init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32))
+  init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32), carry_rows)
   # No mesh context here: out_shardings places every leaf, and flax's DenseGeneral
   # would apply its kernel's constraint to the flattened kernel under one.
   return jax.jit(init, out_shardings=shardings)(rng)

@@ -43,12 +43,16 @@ def main(argv):
   vocab = vocab_size_for(config)
   mesh = sharding.make_mesh(config.mesh)
   model = models.build_model(config.model, vocab, seq_len)
-  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps)
-  _, shardings = train_state.abstract_state(model, tx, seq_len, mesh)
-  state = train_state.create_state(model, tx, seq_len, shardings, jax.random.key(0))
+  # An 'epochs' schedule needs the data's epoch length; any value times the same step.
+  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
+                                            steps_per_epoch=1000)
+  carry_rows = train_state.carry_rows(config, model)  # time the carried state too
+  _, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
+  state = train_state.create_state(model, tx, seq_len, shardings, jax.random.key(0), carry_rows)
   num_params = models.count_params(state.params)
   step_fn = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
-                                      deterministic=config.model.dropout == 0.0),
+                                      deterministic=config.model.dropout == 0.0,
+                                      normalization=config.train.loss_normalization),
                     in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   data_rng = np.random.default_rng(0)

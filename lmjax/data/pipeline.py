@@ -183,6 +183,15 @@ def steps_per_epoch(stream: TokenStream, seq_len: int, global_batch: int,
   return (len(stream.tokens) - 1) // global_batch // seq_len
 
 
+def require_steps_per_epoch(stream: TokenStream, seq_len: int, global_batch: int,
+                            layout: str = 'windows') -> int:
+  """`steps_per_epoch`, or a CorpusError saying how much data one batch needs."""
+  per_epoch = steps_per_epoch(stream, seq_len, global_batch, layout)
+  if per_epoch == 0:
+    raise _too_small(stream, seq_len, global_batch, layout)
+  return per_epoch
+
+
 def check_layout(layout: str) -> None:
   if layout not in LAYOUTS:
     raise ValueError(f'data.layout must be one of {", ".join(LAYOUTS)}; got {layout!r}')
@@ -217,9 +226,7 @@ def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: in
   reset [rows] (1.0 on the first step of an epoch).
   """
   rows = _local_rows(global_batch, process_index, process_count)
-  per_epoch = steps_per_epoch(stream, seq_len, global_batch, layout)
-  if per_epoch == 0:
-    raise _too_small(stream, seq_len, global_batch, layout)
+  per_epoch = require_steps_per_epoch(stream, seq_len, global_batch, layout)
   if layout == 'stream':
     return _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch)
 

@@ -2,9 +2,10 @@
 import jax
 import jax.numpy as jnp
 
+from lmjax.models import recurrent
 from lmjax.models import transformer
 
-FAMILIES = ('transformer',)
+FAMILIES = ('transformer',) + recurrent.CELLS
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -25,8 +26,20 @@ def build_model(model_config, vocab_size: int, max_len: int):
         positions=model_config.positions, norm=model_config.norm,
         dropout=model_config.dropout, tie_embeddings=model_config.tie_embeddings,
         dtype=dtype, param_dtype=param_dtype)
+  if model_config.family in recurrent.CELLS:
+    return recurrent.RecurrentLM(
+        vocab_size=vocab_size, cell=model_config.family, num_layers=model_config.num_layers,
+        embed_dim=model_config.embed_dim,
+        hidden_dim=model_config.hidden_dim or model_config.embed_dim,
+        dropout=model_config.dropout, tie_embeddings=model_config.tie_embeddings,
+        init_scale=model_config.init_scale, dtype=dtype, param_dtype=param_dtype)
   raise ValueError(f'unknown model.family {model_config.family!r}; '
                    f'known: {", ".join(FAMILIES)}')
+
+
+def is_recurrent(model) -> bool:
+  """Recurrent models take and return a carry (see lmjax.models.recurrent)."""
+  return getattr(model, 'recurrent', False)
 
 
 def count_params(params) -> int:
