@@ -254,6 +254,7 @@ class RecurrentLM(nn.Module):
       x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
       states.append(state)
     new_carry = jax.lax.stop_gradient(jnp.stack(states).astype(jnp.float32))
+    x = jnp.swapaxes(x, 0, 1)  # batch-major before the (large) vocabulary projection
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -263,6 +264,5 @@ class RecurrentLM(nn.Module):
           nn.initializers.zeros if not self.init_scale else shifted, ('vocab',)),
           (self.vocab_size,), self.param_dtype)
       x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-      logits = jnp.einsum('tbh,hv->tbv', x, kernel) + bias
-    logits = jnp.swapaxes(logits, 0, 1)
+      logits = jnp.einsum('bth,hv->btv', x, kernel) + bias
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab')), new_carry
