@@ -38,11 +38,23 @@ def manager(workdir: str, checkpoint_config=None, read_only: bool = False) -> oc
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, config_json: dict,
-         tokenizer_json: dict) -> None:
-  checkpoints.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(config_json),
-      tokenizer=ocp.args.JsonSave(tokenizer_json)), force=True)
+         tokenizer_json: dict, metrics: dict | None = None) -> None:
+  items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json),
+               tokenizer=ocp.args.JsonSave(tokenizer_json))
+  if metrics is not None:  # the best-checkpoint manager records why it kept the step
+    items['metrics'] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()})
+  checkpoints.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def best_loss(workdir: str) -> float:
+  """The evaluation loss of the kept best checkpoint (inf if none)."""
+  if not os.path.isdir(os.path.join(os.path.abspath(workdir), 'checkpoints_best')):
+    return float('inf')
+  best = best_manager(workdir, read_only=True)
+  steps = best.all_steps()
+  loss = read_json(best, steps[-1], 'metrics')['loss'] if steps else float('inf')
+  best.close()
+  return loss
 
 
 def _step_path(checkpoints, step) -> str:
@@ -105,3 +117,88 @@ def check_tokenizer(checkpoints, step: int, tokenizer) -> None:
     raise CheckpointError(f'checkpoint step {step} at {_step_path(checkpoints, step)} was made '
                           f'with tokenizer {saved}, but this run uses {current}')
 
+
+
+# ----------------------------------------------------------------------------
+# Reading a run back anywhere: evaluation and sampling.
+
+BEST = 'best'  # WORKDIR/checkpoints_best/<step>: the step with the lowest validation loss
+
+
+def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
+  """Holds one checkpoint: the best evaluation so far (kept apart from the last N)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+                                         read_only=read_only)
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'tokenizer': ocp.JsonCheckpointHandler(), 'metrics': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints_best'),
+                               options=options, item_handlers=handlers)
+
+
+def _intact(checkpoints, step: int) -> str | None:
+  """None if every item of `step` reads back its metadata, else what is wrong."""
+  path = _step_path(checkpoints, step)
+  for item in ITEMS:
+    if not os.path.isdir(os.path.join(path, item)):
+      return f'{item!r} is missing'
+  try:
+    read_json(checkpoints, step, 'config')
+    read_json(checkpoints, step, 'tokenizer')
+    metadata = checkpoints.item_metadata(step)['state']
+    if metadata is None or 'params' not in metadata:
+      return "'state' has no params"
+  except Exception as error:  # noqa: BLE001 - any unreadable piece
+    return f'{type(error).__name__}: {error}'
+  return None
+
+
+def candidate_steps(workdir: str, step: str = 'latest'):
+  """(manager, steps to try in order) for `step` = 'latest', 'best' or a number:
+  'latest' lists every step, newest first, so a reader can fall back past damaged
+  ones; a named step that does not exist raises CheckpointError listing those
+  that do."""
+  if step == BEST:
+    checkpoints = best_manager(workdir, read_only=True)
+    if not checkpoints.all_steps():
+      raise CheckpointError(f'no best checkpoint in {checkpoints.directory} (evaluations during '
+                            'training keep one when checkpoint.keep_best is on)')
+    return checkpoints, sorted(checkpoints.all_steps())[-1:]
+  checkpoints = manager(workdir, read_only=True)
+  steps = sorted(checkpoints.all_steps())
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {directory(workdir)}')
+  if step == 'latest':
+    return checkpoints, steps[::-1]
+  try:
+    chosen = int(step)
+  except ValueError:
+    raise CheckpointError(f"--step must be 'latest', 'best' or a step number; got {step!r}")
+  if chosen not in steps:
+    raise CheckpointError(f'no checkpoint for step {chosen} in {directory(workdir)}; steps '
+                          f'present: {steps}')
+  return checkpoints, [chosen]
+
+
+def check_intact(checkpoints, step: int) -> None:
+  """Raises CheckpointError naming the step and path if an item is missing or unreadable."""
+  problem = _intact(checkpoints, step)
+  if problem is not None:
+    raise CheckpointError(f'checkpoint step {step} at {_step_path(checkpoints, step)} is '
+                          f'damaged: {problem}')
+
+
+def restore_params(checkpoints, step: int, abstract_params):
+  """Only the parameters of `step` (no optimizer state is read), straight into the
+  shardings of `abstract_params`, whatever mesh or process count wrote them."""
+  check_shapes(checkpoints, step, abstract_params)
+  path = os.path.join(_step_path(checkpoints, step), 'state')
+  target = {'params': abstract_params}
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  except Exception as error:
+    raise CheckpointError(f'checkpoint step {step} at {path}: parameters could not be '
+                          f'restored ({type(error).__name__}: {error})') from error
+  return restored['params']

@@ -100,9 +100,19 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text_or_dict) -> ml_collections.ConfigDict:
-  """A config saved by `to_json` (as text, or already parsed)."""
+  """A config saved by `to_json` (as text, or already parsed), on top of today's
+  defaults, so a checkpoint written before a key existed still reads."""
   data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
-  return ml_collections.ConfigDict(data)
+  config = base_config()
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  merge(config, data)
+  return config
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -116,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key lmjax knows, with its default. Config files start from this."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, dropout and data order.
+  c.parallelism = 'mesh'  # 'mesh' (jit over config.mesh) or 'pmap' (replicated, data parallel).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'python_stdlib'  # tfds corpus name ('python_stdlib' is embedded), or 'files'.
@@ -166,6 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0  # Dropout on embeddings and residual branches.
   c.model.tie_embeddings = True  # Share the input embedding with the output projection.
   c.model.vocab_multiple = 1  # Pad the vocabulary to a multiple of this (e.g. 128 on TPU).
+  c.model.remat = 'none'  # Transformer blocks: 'none', 'full' (recompute all) or 'dots' (keep matmuls).
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' for mixed precision).
   c.model.param_dtype = 'float32'  # Parameter storage dtype.
 
@@ -188,6 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # Global batch size (all hosts and devices).
   c.train.num_steps = 1000  # Optimizer steps (the schedule's length).
+  c.train.microbatches = 1  # Gradient accumulation: microbatches per step (inside the jitted step).
   c.train.num_epochs = 0  # > 0: train this many passes over the split (sets num_steps).
   c.train.carry_state = True  # Recurrent models, stream layout: carry the hidden state across steps.
   c.train.loss_normalization = 'tokens'  # 'tokens' (mean), or 'rows' (summed over time, mean over rows: Zaremba et al.).
@@ -202,12 +215,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 500  # Steps between checkpoints (a final one is always saved).
   c.checkpoint.keep = 3  # Most recent checkpoints kept.
   c.checkpoint.async_save = True  # Save in the background while training goes on.
+  c.checkpoint.keep_best = True  # Also keep the step with the best validation loss (--step best).
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = ''  # Printed at the end of training ('' = start of a document).
   c.sample.max_new_tokens = 200  # Tokens generated.
   c.sample.temperature = 0.8  # Softmax temperature (0 = greedy).
   c.sample.top_k = 40  # Sample from the k most likely tokens (0 = all).
+  c.sample.top_p = 1.0  # Nucleus: sample within this cumulative probability (1 = all).
   c.sample.seed = 0  # Sampling seed.
 
   c.mesh = ml_collections.ConfigDict()

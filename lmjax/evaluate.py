@@ -41,3 +41,136 @@ def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_
         state = new_state
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return metrics_lib.summarize(jax.device_get(totals))
+
+
+# ----------------------------------------------------------------------------
+# Restoring a run anywhere, and the `lmjax.evaluate` command.
+
+def restore_for_inference(workdir: str, step: str = 'latest', log=print):
+  """Everything evaluation and sampling need from a checkpoint directory alone:
+  (config, tokenizer, model, params, step, mesh). Only the parameters are read,
+  onto a data-parallel mesh over the devices present, whatever mesh wrote them."""
+  import ml_collections
+
+  from lmjax import checkpoint, config as config_lib, models, train_state
+  from lmjax.data import tokenizers
+  checkpoints, candidates = checkpoint.candidate_steps(workdir, step)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  for i, chosen in enumerate(candidates):
+    try:
+      checkpoint.check_intact(checkpoints, chosen)
+      config = config_lib.from_json(checkpoint.read_json(checkpoints, chosen, 'config'))
+      tokenizer = tokenizers.from_json(checkpoint.read_json(checkpoints, chosen, 'tokenizer'))
+      model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
+      abstract = train_state.abstract_params(model, config.data.seq_len, mesh)
+      params = checkpoint.restore_params(checkpoints, chosen, abstract)
+    except checkpoint.CheckpointError as error:
+      if i + 1 == len(candidates):
+        raise
+      log(f'warning: {error}; falling back to the previous step')
+      continue
+    if i:
+      log(f'warning: using step {chosen}, the newest intact checkpoint in '
+          f'{checkpoint.directory(workdir)}')
+    return config, tokenizer, model, params, chosen, mesh
+  raise AssertionError('unreachable')
+
+
+def evaluate_checkpoint(workdir: str, step: str = 'latest', split: str | None = None,
+                        data_overrides: dict | None = None, max_batches: int = -1,
+                        batch_size: int = 0, log=print) -> dict:
+  """Loss, perplexity, bits/byte, accuracy, tokens and bytes of `split` (default: the
+  run's evaluation split) under the checkpoint's own tokenizer and cleaning."""
+  from lmjax import train_state
+  config, tokenizer, model, params, chosen, mesh = restore_for_inference(workdir, step, log)
+  data = config.data
+  for key, value in (data_overrides or {}).items():
+    data[key] = value
+  split = split or data.eval_split
+  batch_size = batch_size or config.train.eval_batch_size
+  sharding.batch_size_check(batch_size, mesh, '--batch_size')
+  stream = pipeline.tokenize_split(data, tokenizer, split)
+  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+  eval_fn = make_eval_fn(model, tokenizer, param_shardings, mesh)
+  carry = train_state.carry_rows(config, model) > 0
+  result = evaluate(eval_fn, params, stream, data.seq_len, batch_size, mesh, max_batches,
+                    data.layout, model, carry)
+  result.update({'step': chosen, 'split': split, 'corpus': data.name,
+                 'tokenizer': tokenizer.fingerprint(), 'model': config.model.family})
+  return result
+
+
+def _data_overrides(argv) -> dict:
+  """`--data.key=value` arguments, typed like the config's own data fields."""
+  from lmjax import config as config_lib
+  defaults = config_lib.base_config().data
+  overrides = {}
+  for arg in argv:
+    if not arg.startswith('--data.'):
+      continue
+    key, _, text = arg[len('--data.'):].partition('=')
+    config_lib.check_key_path(defaults, key)
+    if '.' in key:
+      raise config_lib.ConfigError(f'--data.{key}: only top-level data fields can be set here')
+    kind = type(defaults[key])
+    overrides[key] = (text.lower() in ('1', 'true', 'yes')) if kind is bool else kind(text)
+  return overrides
+
+
+def _main(argv):
+  import json
+  import sys
+
+  from absl import flags
+
+  from lmjax import checkpoint, config as config_lib
+  from lmjax.data import corpora
+  flag_values = flags.FLAGS
+  try:
+    distributed_args = (flag_values.coordinator_address, flag_values.num_processes,
+                        flag_values.process_id, flag_values.distributed_timeout)
+    from lmjax import distributed
+    distributed.initialize(*distributed_args)
+    log = lambda message: print(message, file=sys.stderr)
+    result = evaluate_checkpoint(flag_values.workdir, flag_values.step, flag_values.split or None,
+                                 _data_overrides(_DATA_ARGS), flag_values.eval_batches,
+                                 flag_values.batch_size, log)
+  except (checkpoint.CheckpointError, config_lib.ConfigError, corpora.CorpusError,
+          ValueError) as error:
+    sys.exit(f'error: {error}')
+  text = json.dumps(result, indent=2, sort_keys=True)
+  if jax.process_index() == 0:
+    print(text)
+    if flag_values.output:
+      with open(flag_values.output, 'w') as f:
+        f.write(text + '\n')
+
+
+_DATA_ARGS: list = []
+
+
+def run():
+  """Console entry point: `python -m lmjax.evaluate --workdir DIR [--step latest|best|N]
+  [--split validation|test|...] [--data.KEY=VALUE ...] [--output FILE.json]`."""
+  import sys
+
+  from absl import app, flags
+  _DATA_ARGS[:] = [a for a in sys.argv[1:] if a.startswith('--data.')]
+  argv = [a for a in sys.argv if not a.startswith('--data.')]
+  flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
+  flags.DEFINE_string('step', 'latest', "'latest' (newest intact), 'best', or a step number.")
+  flags.DEFINE_string('split', '', "Split to evaluate (tfds syntax; '' = the run's eval split).")
+  flags.DEFINE_integer('eval_batches', -1, 'Batches to evaluate (-1 = the whole split).')
+  flags.DEFINE_integer('batch_size', 0, "Global batch size (0 = the run's eval batch size).")
+  flags.DEFINE_string('output', '', 'Also write the JSON result to this file.')
+  flags.DEFINE_string('coordinator_address', '', 'Multi-process: host:port of process 0.')
+  flags.DEFINE_integer('num_processes', 0, 'Multi-process: number of processes.')
+  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process (0-based).')
+  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
+  app.run(_main, argv=argv)
+
+
+if __name__ == '__main__':
+  import os
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  run()

@@ -2,11 +2,12 @@
 
     python -m lmjax.sample --workdir DIR --prompt "def " [--step N]
 
-Generation runs as one jitted loop over a fixed-size token buffer, so it
-compiles once whatever the number of tokens. For a Transformer, each new token
-recomputes the model over the last `max_len` tokens (a KV cache comes with the
-evaluation issue); a recurrent model reads the prompt once and then steps its
-carried state one token at a time.
+Generation runs as one jitted `lax.while_loop` over a fixed-size token buffer,
+so it compiles once whatever the number of tokens: a Transformer decodes one
+token per step against its key/value cache, a recurrent model steps its
+carried state. Prompts of different lengths are read token by token, then
+continued; greedy, temperature, top-k and top-p (nucleus) sampling; the loop
+stops at the end-of-document token or after max_new_tokens.
 """
 import functools
 import os
@@ -19,74 +20,136 @@ import numpy as np
 from lmjax.data import cleaning
 
 
-def _filter_logits(logits, temperature: float, top_k: int, vocab_size: int):
-  """Masks padded vocabulary entries and all but the top-k, then scales."""
+def _filter_logits(logits, temperature: float, top_k: int, vocab_size: int, top_p: float = 1.0):
+  """Masks padded vocabulary entries, all but the top-k, and the tail beyond
+  cumulative probability top_p (nucleus); then scales by the temperature."""
   logits = logits.astype(jnp.float32)
   logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return logits / max(temperature, 1e-6)
+  logits = logits / max(temperature, 1e-6)
+  if 0.0 < top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(ordered, -1)
+    kept = jnp.where(before < top_p, ordered, jnp.inf)  # the smallest logit still inside p
+    logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+  return logits
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'prompt_len', 'total_len', 'temperature',
-                                             'top_k', 'vocab_size'))
-def _generate(params, buffer, rng, *, model, prompt_len, total_len, temperature, top_k,
-              vocab_size):
+def _pick(logits, rng, position, temperature: float, top_k: int, top_p: float, vocab_size: int):
+  """The next token from the last position's logits: greedy, or sampled."""
+  if temperature == 0.0:
+    return jnp.argmax(_filter_logits(logits, 1.0, 0, vocab_size), axis=-1)
+  key = jax.random.fold_in(rng, position)
+  return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, vocab_size,
+                                                    top_p))
+
+
+_STATIC = ('model', 'total_len', 'temperature', 'top_k', 'top_p', 'vocab_size', 'eos_id')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_recompute(params, buffer, prompt_lens, rng, *, model, total_len, temperature,
+                        top_k, top_p, vocab_size, eos_id):
+  """Reference decoding: every new token recomputes the model over the last max_len
+  tokens (no cache). All prompts must have the same length."""
+  del eos_id
   window = min(model.max_len, total_len)
+  prompt_len = prompt_lens[0]
 
   def body(position, buffer):
     start = jnp.maximum(position - window, 0)
     context = jax.lax.dynamic_slice_in_dim(buffer, start, window, axis=1)  # [batch, window]
     logits = model.apply({'params': params}, context, deterministic=True)
     last = jax.lax.dynamic_index_in_dim(logits, position - 1 - start, axis=1, keepdims=False)
-    token = _pick(last, rng, position, temperature, top_k, vocab_size)
+    token = _pick(last, rng, position, temperature, top_k, top_p, vocab_size)
     return jax.lax.dynamic_update_index_in_dim(buffer, token.astype(buffer.dtype), position, 1)
 
   return jax.lax.fori_loop(prompt_len, total_len, body, buffer)
 
 
-def _pick(logits, rng, position, temperature: float, top_k: int, vocab_size: int):
-  """The next token from the last position's logits: greedy, or sampled."""
-  if temperature == 0.0:
-    return jnp.argmax(_filter_logits(logits, 1.0, 0, vocab_size), axis=-1)
-  key = jax.random.fold_in(rng, position)
-  return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, vocab_size))
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_stepwise(params, buffer, prompt_lens, rng, *, model, total_len, temperature,
+                       top_k, top_p, vocab_size, eos_id):
+  """One token per row per step, in one `lax.while_loop`: a Transformer against its
+  key/value cache, a recurrent model with its carried state. Row i reads its
+  prompt (the first prompt_lens[i] tokens of buffer) and then generates; the loop
+  stops when every row has generated `eos_id` or the buffer is full."""
+  rows = buffer.shape[0]
+  recurrent = getattr(model, 'recurrent', False)
+  if recurrent:
+    from lmjax.models import recurrent as recurrent_lib
+    state = recurrent_lib.initial_carry(model, rows)
+  else:
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), buffer[:, :1], positions=jnp.zeros((rows, 1), jnp.int32),
+        decode=True))['cache']
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+  def step(token, position, state):
+    if recurrent:
+      logits, state = model.apply({'params': params}, token[:, None], carry=state)
+      return logits[:, 0], state
+    logits, variables = model.apply({'params': params, 'cache': state}, token[:, None],
+                                    positions=jnp.full((rows, 1), position, jnp.int32),
+                                    decode=True, mutable=['cache'])
+    return logits[:, 0], variables['cache']
 
-@functools.partial(jax.jit, static_argnames=('model', 'prompt_len', 'total_len', 'temperature',
-                                             'top_k', 'vocab_size'))
-def _generate_recurrent(params, buffer, rng, *, model, prompt_len, total_len, temperature,
-                        top_k, vocab_size):
-  """A recurrent model reads the prompt once, then one token per step with its carry."""
-  logits, carry = model.apply({'params': params}, buffer[:, :prompt_len], deterministic=True)
+  def cond(carry):
+    position, _, _, done = carry
+    return (position < total_len - 1) & ~jnp.all(done)
 
-  def body(position, state):
-    last, carry, buffer = state
-    token = _pick(last, rng, position, temperature, top_k, vocab_size).astype(buffer.dtype)
+  def body(carry):
+    position, state, buffer, done = carry
+    logits, state = step(buffer[:, position], position, state)
+    position = position + 1
+    sampled = _pick(logits, rng, position, temperature, top_k, top_p, vocab_size)
+    in_prompt = position < prompt_lens
+    token = jnp.where(in_prompt, buffer[:, position], sampled.astype(buffer.dtype))
     buffer = jax.lax.dynamic_update_index_in_dim(buffer, token, position, 1)
-    logits, carry = model.apply({'params': params}, token[:, None], carry=carry,
-                                deterministic=True)
-    return logits[:, -1], carry, buffer
+    done = done | (~in_prompt & (token == eos_id))
+    return position, state, buffer, done
 
-  return jax.lax.fori_loop(prompt_len, total_len, body, (logits[:, -1], carry, buffer))[2]
+  start = (jnp.zeros((), jnp.int32), state, buffer, jnp.zeros(rows, bool))
+  return jax.lax.while_loop(cond, body, start)[2]
 
 
 def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0, num_samples: int = 1):
-  """Continues `prompt_ids` (non-empty) by `max_new_tokens` tokens: [num_samples, new]."""
-  prompt_ids = np.asarray(prompt_ids, np.int32)
-  if prompt_ids.ndim != 1 or prompt_ids.size == 0:
+             temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0, seed: int = 0,
+             num_samples: int = 1, eos_id: int = -1, use_cache: bool = True):
+  """Continues each prompt by `max_new_tokens` tokens.
+
+  `prompt_ids`: one non-empty id array (drawn `num_samples` times), or a list of
+  them (of any lengths). Returns [rows, max_new_tokens] ids after each prompt
+  (past an `eos_id` the rest is unspecified). Transformers decode with a
+  key/value cache (`use_cache=False`: recompute, equal prompt lengths only;
+  learned positions fall back to it when prompt + new tokens exceed the
+  context); recurrent models step their carried state. Deterministic for a seed.
+  """
+  prompts = [prompt_ids] if isinstance(prompt_ids, np.ndarray) or (
+      len(prompt_ids) and np.isscalar(prompt_ids[0])) else list(prompt_ids)
+  prompts = [np.asarray(p, np.int32) for p in prompts for _ in range(num_samples)]
+  if any(p.ndim != 1 or p.size == 0 for p in prompts):
     raise ValueError('generation needs a non-empty prompt (one token at least)')
-  prompt_len = len(prompt_ids)
-  total_len = prompt_len + max_new_tokens
-  buffer = np.zeros((num_samples, total_len), np.int32)
-  buffer[:, :prompt_len] = prompt_ids
-  loop = _generate_recurrent if getattr(model, 'recurrent', False) else _generate
-  out = loop(params, jnp.asarray(buffer), jax.random.key(seed), model=model,
-                  prompt_len=prompt_len, total_len=total_len, temperature=float(temperature),
-                  top_k=int(top_k), vocab_size=vocab_size)
-  return np.asarray(out)[:, prompt_len:]
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  total_len = int(lengths.max()) + max_new_tokens
+  buffer = np.zeros((len(prompts), total_len), np.int32)
+  for row, p in enumerate(prompts):
+    buffer[row, :len(p)] = p
+  recurrent = getattr(model, 'recurrent', False)
+  fits = recurrent or model.positions == 'rope' or total_len <= model.max_len
+  if not recurrent and (not use_cache or not fits):
+    if len(set(lengths.tolist())) > 1:
+      raise ValueError('decoding without the cache needs prompts of one length')
+    loop = _generate_recompute
+  else:
+    loop = _generate_stepwise
+  out = np.asarray(loop(params, jnp.asarray(buffer), jnp.asarray(lengths), jax.random.key(seed),
+                        model=model, total_len=total_len, temperature=float(temperature),
+                        top_k=int(top_k), top_p=float(top_p), vocab_size=vocab_size,
+                        eos_id=int(eos_id)))
+  return np.stack([out[row, n:n + max_new_tokens] for row, n in enumerate(lengths)])
 
 
 def encode_prompt(tokenizer, prompt: str, clean_config=None) -> np.ndarray:
@@ -110,45 +173,41 @@ def decode_sample(tokenizer, ids) -> str:
 
 
 def sample_text(params, model, tokenizer, sample_config, num_samples: int = 1,
-                clean_config=None) -> list[str]:
-  prompt_ids = encode_prompt(tokenizer, sample_config.prompt, clean_config)
-  generated = generate(params, model, prompt_ids, sample_config.max_new_tokens,
+                clean_config=None, prompts=None) -> list[str]:
+  """`num_samples` continuations of each prompt (default: sample_config.prompt), as text."""
+  prompts = [sample_config.prompt] if prompts is None else list(prompts)
+  encoded = [encode_prompt(tokenizer, prompt, clean_config) for prompt in prompts]
+  generated = generate(params, model, encoded, sample_config.max_new_tokens,
                        vocab_size=tokenizer.vocab_size, temperature=sample_config.temperature,
-                       top_k=sample_config.top_k, seed=sample_config.seed,
-                       num_samples=num_samples)
-  return [sample_config.prompt + decode_sample(tokenizer, row) for row in generated]
+                       top_k=sample_config.top_k, top_p=sample_config.top_p,
+                       seed=sample_config.seed, num_samples=num_samples,
+                       eos_id=tokenizer.eos_id)
+  return [prompts[i // num_samples] + decode_sample(tokenizer, row)
+          for i, row in enumerate(generated)]
 
 
 def _main(argv):
   from absl import flags
 
-  from lmjax import checkpoint, config as config_lib, models, sharding, train_state
-  from lmjax.data import tokenizers
+  from lmjax import checkpoint, evaluate
+  del argv
   flag_values = flags.FLAGS
-  workdir = flag_values.workdir
-  checkpoints = checkpoint.manager(workdir, read_only=True)
-  step = flag_values.step if flag_values.step >= 0 else checkpoints.latest_step()
-  if step is None:
-    sys.exit(f'no checkpoint in {checkpoint.directory(workdir)}')
-  if step not in checkpoints.all_steps():
-    sys.exit(f'no checkpoint for step {step} in {checkpoint.directory(workdir)}; '
-             f'steps present: {sorted(checkpoints.all_steps())}')
-  config = config_lib.from_json(checkpoint.read_json(checkpoints, step, 'config'))
-  tokenizer = tokenizers.from_json(checkpoint.read_json(checkpoints, step, 'tokenizer'))
-  model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
-  # Only the optimizer state's structure matters here, not the schedule's values.
-  tx, _ = train_state.make_optimizer(config.optimizer, config.train.num_steps, steps_per_epoch=1)
-  mesh = sharding.make_mesh(config.mesh)
-  abstract, _ = train_state.abstract_state(model, tx, config.data.seq_len, mesh,
-                                           train_state.carry_rows(config, model))
-  state = checkpoint.restore_state(checkpoints, step, abstract)
+  try:
+    config, tokenizer, model, params, step, _ = evaluate.restore_for_inference(
+        flag_values.workdir, flag_values.step, log=lambda m: print(m, file=sys.stderr))
+  except checkpoint.CheckpointError as error:
+    sys.exit(f'error: {error}')
   sample_config = config.sample
-  for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'seed'):
+  for name in ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'):
     if flag_values[name].present:
       sample_config[name] = flag_values[name].value
+  prompts = list(flag_values.prompt or [])
+  if flag_values.prompt_file:
+    with open(flag_values.prompt_file, encoding='utf-8') as f:
+      prompts += [line.rstrip('\n') for line in f if line.strip()]
   try:
-    texts = sample_text(state.params, model, tokenizer, sample_config, flag_values.num_samples,
-                        config.data.clean)
+    texts = sample_text(params, model, tokenizer, sample_config, flag_values.num_samples,
+                        config.data.clean, prompts or None)
   except ValueError as error:
     sys.exit(str(error))
   for i, text in enumerate(texts):
@@ -158,8 +217,12 @@ def _main(argv):
 def run():
   from absl import app, flags
   flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
-  flags.DEFINE_integer('step', -1, 'Checkpoint step (-1 = latest).')
-  flags.DEFINE_string('prompt', '', 'Text to continue.')
+  flags.DEFINE_string('step', 'latest', "'latest' (newest intact), 'best', or a step number.")
+  flags.DEFINE_multi_string('prompt', None, 'Text to continue (repeat for a batch of prompts; '
+                            "none = the run's sample.prompt).")
+  flags.DEFINE_string('prompt_file', '', 'A file of prompts, one per line.')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: keep the most likely tokens up to this '
+                     'probability mass (1 = all).')
   flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
   flags.DEFINE_float('temperature', 0.8, 'Softmax temperature (0 = greedy).')
   flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens (0 = all).')

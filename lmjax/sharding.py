@@ -58,9 +58,14 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 
 @contextlib.contextmanager
-def rules_and_mesh(mesh: Mesh):
-  """Context in which models' logical constraints resolve onto `mesh`."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+def rules_and_mesh(mesh: Mesh | None):
+  """Context in which models' logical constraints resolve onto `mesh` (None: the
+  pmap path, where each device runs its own program: no rules, so flax's
+  constraints are no-ops)."""
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.set_mesh(mesh))
+      stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
     yield
 
 

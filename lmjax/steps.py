@@ -6,6 +6,7 @@ functools.partial and the result is jitted once with explicit shardings.
 Steps return sums and their denominators, never means, so metrics from many
 steps, devices or hosts add up exactly.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,35 +39,94 @@ def apply_model(model, params, batch, carry=None, **kwargs):
   return logits, None
 
 
-def loss_fn(params, model, batch, rng, deterministic: bool, carry=None,
-            normalization: str = 'tokens'):
-  """Mean loss per target token ('tokens'), or per row ('rows': summed over time
-  and averaged over the rows, as Zaremba et al. train); aux: (sums, carry)."""
+def _sums(model, params, batch, rng, deterministic: bool, carry):
+  """(loss_sum, (metric sums, carry)): the summed loss is what gets differentiated,
+  so gradients from microbatches, devices and hosts add up exactly."""
   logits, carry = apply_model(model, params, batch, carry, deterministic=deterministic,
                               rngs=None if deterministic else {'dropout': rng})
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
-  weight_sum = jnp.sum(weights)
-  loss_sum = jnp.sum(losses * weights)
+  sums = {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),
+          'weight_sum': jnp.sum(weights)}
+  return sums['loss_sum'], (sums, carry)
+
+
+def _normalizer(sums, num_rows, normalization: str):
+  """What the summed loss is divided by: the target tokens ('tokens'), or the
+  rows ('rows': summed over time and averaged over rows, as Zaremba et al. train)."""
   if normalization == 'tokens':
-    loss = loss_sum / jnp.maximum(weight_sum, 1.0)
-  elif normalization == 'rows':
-    loss = loss_sum / weights.shape[0]
-  else:
-    raise ValueError(f"train.loss_normalization must be 'tokens' or 'rows'; got {normalization!r}")
-  sums = {'loss_sum': loss_sum, 'correct_sum': jnp.sum(correct * weights),
-          'weight_sum': weight_sum}
-  return loss, (sums, carry)
+    return jnp.maximum(sums['weight_sum'], 1.0)
+  if normalization == 'rows':
+    return jnp.asarray(num_rows, jnp.float32)
+  raise ValueError(f"train.loss_normalization must be 'tokens' or 'rows'; got {normalization!r}")
+
+
+def loss_fn(params, model, batch, rng, deterministic: bool, carry=None,
+            normalization: str = 'tokens'):
+  """The normalised loss of one batch; aux: (sums, carry)."""
+  loss_sum, (sums, carry) = _sums(model, params, batch, rng, deterministic, carry)
+  return loss_sum / _normalizer(sums, batch['inputs'].shape[0], normalization), (sums, carry)
+
+
+def _split(x, microbatches: int, axis: int = 0):
+  """[..., rows, ...] -> [microbatches, ..., rows / microbatches, ...]: microbatch m
+  takes every m-th row, so each holds an equal share of every data shard."""
+  shape = x.shape[:axis] + (x.shape[axis] // microbatches, microbatches) + x.shape[axis + 1:]
+  x = jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+  names = (None,) * (axis + 1) + ('batch',) + (None,) * (x.ndim - axis - 2)
+  return nn.with_logical_constraint(x, names)
+
+
+def _merge(x, axis: int = 0):
+  """Inverse of `_split`."""
+  x = jnp.moveaxis(x, 0, axis + 1)
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _summed_gradients(params, model, batch, rng, deterministic, carry, microbatches):
+  """Gradients of the summed loss, accumulated over `microbatches` inside the step."""
+  grad_fn = jax.grad(_sums, argnums=1, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(model, params, batch, rng, deterministic, carry)
+  rows = batch['inputs'].shape[0]
+  if rows % microbatches:
+    raise ValueError(f'train.microbatches={microbatches} does not divide the {rows} rows '
+                     'of a batch')
+  split_batch = jax.tree.map(lambda x: _split(x, microbatches), batch)
+  split_carry = None if carry is None else _split(carry, microbatches, axis=2)
+
+  def body(accumulated, inputs):
+    index, micro, micro_carry = inputs
+    grads, (sums, new_carry) = grad_fn(model, params, micro, jax.random.fold_in(rng, index),
+                                       deterministic, micro_carry)
+    return jax.tree.map(jnp.add, accumulated, (grads, sums)), new_carry
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  zero_sums = {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
+  (grads, sums), new_carry = jax.lax.scan(
+      body, (zeros, zero_sums), (jnp.arange(microbatches), split_batch, split_carry))
+  return grads, (sums, None if carry is None else _merge(new_carry, axis=2))
 
 
 def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
-               normalization: str = 'tokens'):
-  """One optimizer step; returns the new state and metric sums. A state with a
-  carry (recurrent model, carried rows) passes the new one to the next step."""
+               normalization: str = 'tokens', microbatches: int = 1, axis_name=None):
+  """One optimizer step; returns the new state and metric sums.
+
+  Gradients of the summed loss are accumulated over `microbatches` (a lax.scan
+  inside the step), summed over `axis_name` devices under pmap, and divided by
+  the global normaliser once, so every layout of the same global batch takes
+  the same step. A state with a carry (recurrent model, carried rows) passes
+  the new one to the next step.
+  """
   rng = jax.random.fold_in(rng, state.step)  # A resumed run draws the same randomness.
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (sums, carry)), grads = grad_fn(state.params, model, batch, rng, deterministic,
-                                      state.carry, normalization)
+  grads, (sums, carry) = _summed_gradients(state.params, model, batch, rng, deterministic,
+                                           state.carry, microbatches)
+  num_rows = batch['inputs'].shape[0]
+  if axis_name is not None:  # pmap: every device's share of the global batch
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+    num_rows = jax.lax.psum(num_rows, axis_name)
+  scale = 1.0 / _normalizer(sums, num_rows, normalization)
+  grads = jax.tree.map(lambda g: g * scale, grads)
   new_state = state.apply_gradients(grads)
   if state.carry is not None:
     new_state = new_state.replace(carry=carry)

@@ -20,6 +20,7 @@ import numpy as np
 
 from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import distributed
 from lmjax import evaluate
 from lmjax import metrics as metrics_lib
 from lmjax import models
@@ -117,9 +118,30 @@ class _Run:
   train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
   evaluate: Any  # (params, stream, max_batches) -> metrics
   num_params: int
+  state_shardings: Any
+
+  def global_state(self):
+    """The state as global arrays on the mesh (a pmap run keeps a replicated copy
+    per device; checkpoints, evaluation and sampling take this layout)."""
+    if self.config.parallelism != 'pmap':
+      return self.state
+    return jax.device_put(_host_copy(self.state), self.state_shardings)
+
+  best_loss: float = float('inf')
+
+  def keep_if_best(self, step: int, result: dict) -> None:
+    """Saves `step` apart (WORKDIR/checkpoints_best) if its evaluation is the best yet."""
+    if not self.config.checkpoint.keep_best or not result['loss'] < self.best_loss:
+      return
+    self.best_loss = result['loss']
+    best = checkpoint.best_manager(self.workdir)
+    checkpoint.save(best, step, self.global_state(), json.loads(config_lib.to_json(self.config)),
+                    self.tokenizer.to_json(), metrics=result)
+    best.wait_until_finished()
+    best.close()
 
   def save(self, step: int) -> None:
-    checkpoint.save(self.checkpoints, step, self.state,
+    checkpoint.save(self.checkpoints, step, self.global_state(),
                     json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json())
 
 
@@ -171,13 +193,14 @@ def _setup(config, workdir: str) -> _Run:
   _log(f'model {config.model.family}: {num_params:,} parameters; mesh {dict(mesh.shape)} '
        f'on {jax.device_count()} {jax.devices()[0].platform} device(s)')
 
-  replicated = sharding.replicated(mesh)
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, schedule=schedule,
-                        deterministic=config.model.dropout == 0.0,
-                        normalization=config.train.loss_normalization),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  step_fn = _step_fn(config, model, schedule)
+  if config.parallelism == 'pmap':
+    if train_state.carry_rows(config, model):
+      raise ValueError("parallelism='pmap' does not carry recurrent state: use the mesh "
+                       "path (parallelism='mesh') or train.carry_state=False")
+    state, train_step = _pmap_step(step_fn, state)
+  else:
+    train_step = _jit_step(step_fn, state_shardings, mesh)
   eval_fn = evaluate.make_eval_fn(model, tokenizer, state_shardings.params, mesh)
 
   carry_eval = train_state.carry_rows(config, model) > 0  # evaluate as it was trained
@@ -190,7 +213,104 @@ def _setup(config, workdir: str) -> _Run:
   return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
               train_stream=train_stream, eval_stream=eval_stream, baseline=baseline,
               model=model, state=state, checkpoints=checkpoints, train_step=train_step,
-              evaluate=run_evaluation, num_params=num_params)
+              evaluate=run_evaluation, num_params=num_params, state_shardings=state_shardings,
+              best_loss=checkpoint.best_loss(workdir))
+
+
+def _step_fn(config, model, schedule):
+  if config.parallelism not in ('mesh', 'pmap'):
+    raise ValueError(f"parallelism must be 'mesh' or 'pmap'; got {config.parallelism!r}")
+  return functools.partial(steps.train_step, model=model, schedule=schedule,
+                           deterministic=config.model.dropout == 0.0,
+                           normalization=config.train.loss_normalization,
+                           microbatches=config.train.microbatches)
+
+
+def _jit_step(step_fn, state_shardings, mesh):
+  """The mesh path: one jitted step over global arrays with explicit shardings."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def compile_only(config) -> dict:
+  """Lowers and compiles the train step for the configured mesh, from shapes alone
+  (no data, no parameters allocated), and reports its per-device memory: will
+  the model fit before the pod is rented? The vocabulary is 257 for bytes and
+  tokenizer.vocab_size otherwise."""
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.batch_size_check(config.train.batch_size, mesh)
+  vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
+  seq_len, batch_size = config.data.seq_len, config.train.batch_size
+  model = models.build_model(config.model, vocab, seq_len)
+  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
+                                            steps_per_epoch=1)  # shapes only
+  carry_rows = train_state.carry_rows(config, model)
+  abstract, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {'inputs': jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=batch_sharding),
+           'targets': jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=batch_sharding),
+           'weights': jax.ShapeDtypeStruct((batch_size, seq_len), np.float32,
+                                           sharding=batch_sharding)}
+  start = time.perf_counter()
+  with sharding.rules_and_mesh(mesh):
+    compiled = _jit_step(_step_fn(config, model, schedule), shardings, mesh).lower(
+        abstract, batch, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+
+  def per_device_bytes(tree):
+    return int(sum(np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                   for leaf in jax.tree.leaves(tree)))
+
+  gib = lambda n: round(n / 2**30, 4)
+  report = {'mesh': dict(mesh.shape), 'devices': jax.device_count(),
+            'platform': jax.devices()[0].platform, 'vocab_size': vocab,
+            'params': models.count_params(abstract.params), 'compile_s': round(compile_s, 2),
+            'per_device_gib': {
+                'params': gib(per_device_bytes(abstract.params)),
+                'optimizer_state': gib(per_device_bytes(abstract.opt_state))}}
+  if memory is not None:
+    report['per_device_gib'].update({
+        'arguments': gib(memory.argument_size_in_bytes),
+        'outputs': gib(memory.output_size_in_bytes),
+        'temporaries': gib(memory.temp_size_in_bytes),
+        'aliased': gib(memory.alias_size_in_bytes),
+        'peak_estimate': gib(memory.argument_size_in_bytes + memory.output_size_in_bytes +
+                             memory.temp_size_in_bytes - memory.alias_size_in_bytes)})
+  return report
+
+
+def _pmap_step(step_fn, state):
+  """The pmap path: the state replicated on this host's devices, each device a
+  slice of the host's rows, gradients summed across all devices by `psum`.
+  Returns (replicated state, step taking host-local numpy batches)."""
+  devices = jax.local_devices()
+  pmapped = jax.pmap(functools.partial(step_fn, axis_name='devices'), axis_name='devices',
+                     in_axes=(0, 0, None), donate_argnums=0)
+
+  def step(state, local_batch, rng):
+    per_device = {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local_batch.items()}
+    state, metrics = pmapped(state, per_device, rng)
+    return state, jax.tree.map(lambda x: x[0], metrics)
+
+  per_device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('devices',)),
+                                          jax.sharding.PartitionSpec('devices'))
+  replicas = jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), per_device),
+      _host_copy(state))
+  return replicas, step
+
+
+def _host_copy(tree):
+  """Numpy copies of a tree of replicated (or pmap-replicated) arrays, from this
+  host's first shard of each."""
+  def first(x):
+    if x is None or not hasattr(x, 'addressable_shards'):
+      return x
+    data = np.asarray(x.addressable_shards[0].data)
+    return data.reshape(x.shape[1:]) if data.shape != x.shape else data
+  return jax.tree.map(first, tree)
 
 
 def _train_record(progress: _Progress, step: int, last_step: int, steps_timed: int) -> dict:
@@ -220,7 +340,7 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
   config, mesh = run.config, run.mesh
   seq_len, batch_size, log_every = config.data.seq_len, config.train.batch_size, config.train.log_every
   last_step = min(config.train.num_steps, config.train.stop_at or config.train.num_steps)
-  start_step = int(jax.device_get(run.state.step))
+  start_step = int(_host_copy(run.state.step))
   tokens_per_step = batch_size * seq_len
   progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(run.model, run.num_params) *
                        tokens_per_step, metrics_lib.measure_peak_flops())
@@ -235,9 +355,10 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
   def write(step, record):
     writer.write(step, {**record, **eval_records.pop(step, {})})
 
+  pmap = config.parallelism == 'pmap'
   for step in range(start_step, last_step):
-    batch = sharding.make_global_batch(next(batches), mesh)
-    with sharding.rules_and_mesh(mesh):
+    batch = next(batches) if pmap else sharding.make_global_batch(next(batches), mesh)
+    with sharding.rules_and_mesh(None if pmap else mesh):
       run.state, step_metrics = run.train_step(run.state, batch, dropout_rng)
     progress.add(step, step_metrics)
     done, is_last = step + 1, step + 1 == last_step
@@ -255,8 +376,10 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
     if config.train.eval_every and done % config.train.eval_every == 0 and not is_last:
       jax.block_until_ready(run.state)  # The step in flight is training time.
       eval_start = time.perf_counter()
-      result = run.evaluate(run.state.params, run.eval_stream, config.train.eval_batches)
+      result = run.evaluate(run.global_state().params, run.eval_stream,
+                            config.train.eval_batches)
       eval_records[done] = {f'eval/{k}': v for k, v in result.items()}
+      run.keep_if_best(done, result)
       _log(f'step {done}: eval loss {result["loss"]:.4f} | perplexity {result["perplexity"]:.2f}'
            f' | bits/byte {result["bits_per_byte"]:.3f} | accuracy {result["accuracy"]:.3f}')
       if done % log_every:
@@ -280,6 +403,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   start_step, seconds = _train(run, writer)
   run.checkpoints.wait_until_finished()
+  run.state = run.global_state()
   final_step = int(jax.device_get(run.state.step))
   if final_step > start_step:
     _log(f'trained steps {start_step + 1}..{final_step} in {seconds:.1f}s; checkpoint saved '
@@ -310,9 +434,14 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)
   flag_values = flags.FLAGS
   try:
+    distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
+                           flag_values.process_id, flag_values.distributed_timeout)
+    if flag_values.compile_only:
+      print(json.dumps(compile_only(flag_values.config), indent=2))
+      return
     train_and_evaluate(flag_values.config, flag_values.workdir)
   except (config_lib.ConfigError, ValueError, checkpoint.CheckpointError,
-          FloatingPointError) as error:
+          FloatingPointError, distributed.DistributedError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
 
@@ -321,9 +450,18 @@ def run():
   """Console entry point: checks --config.* keys before anything runs."""
   from absl import app, flags
   config_lib.define_config_flag()
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.',
-                      required=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+  flags.DEFINE_bool('compile_only', False, 'Lower and compile the train step for the configured '
+                    'mesh without data or a run; print its per-device memory as JSON.')
+  flags.DEFINE_string('coordinator_address', '', 'Multi-process: host:port of process 0 '
+                      '(or $LMJAX_COORDINATOR_ADDRESS; automatic on Cloud TPU VM slices).')
+  flags.DEFINE_integer('num_processes', 0, 'Multi-process: number of processes.')
+  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process (0-based).')
+  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process to join.')
   flags.mark_flags_as_required(['config'])
+  flags.register_multi_flags_validator(
+      ['workdir', 'compile_only'], lambda v: bool(v['workdir']) or v['compile_only'],
+      message='--workdir is required (except with --compile_only)')
   app.run(_main)
 
 

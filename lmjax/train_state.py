@@ -131,14 +131,26 @@ def _is_spec(x) -> bool:
   return isinstance(x, PartitionSpec)
 
 
-def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0):
-  """(abstract state, its NamedShardings), without allocating anything.
-  `carry_rows` > 0 gives the state a recurrent model's carry for that many rows."""
+def _params_and_specs(model, seq_len: int):
   sample = jnp.zeros((1, seq_len), jnp.int32)
   boxed_params = jax.eval_shape(lambda rng: model.init({'params': rng}, sample)['params'],
                                 jax.random.key(0))
-  param_specs = nn.get_partition_spec(boxed_params)
-  params = nn.unbox(boxed_params)
+  return nn.unbox(boxed_params), nn.get_partition_spec(boxed_params)
+
+
+def abstract_params(model, seq_len: int, mesh):
+  """The parameters alone, abstract, with their shardings on `mesh` (for evaluation
+  and sampling, which never read the optimizer state)."""
+  params, specs = _params_and_specs(model, seq_len)
+  shardings = sharding.logical_to_sharding(specs, mesh)
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      params, shardings)
+
+
+def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0):
+  """(abstract state, its NamedShardings), without allocating anything.
+  `carry_rows` > 0 gives the state a recurrent model's carry for that many rows."""
+  params, param_specs = _params_and_specs(model, seq_len)
   carry = carry_spec = None
   if carry_rows:
     carry = jax.ShapeDtypeStruct(recurrent.carry_shape(model, carry_rows), jnp.float32)

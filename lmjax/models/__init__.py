@@ -25,7 +25,7 @@ def build_model(model_config, vocab_size: int, max_len: int):
         mlp_dim=model_config.mlp_dim, mlp=model_config.mlp,
         positions=model_config.positions, norm=model_config.norm,
         dropout=model_config.dropout, tie_embeddings=model_config.tie_embeddings,
-        dtype=dtype, param_dtype=param_dtype)
+        remat=model_config.remat, dtype=dtype, param_dtype=param_dtype)
   if model_config.family in recurrent.CELLS:
     return recurrent.RecurrentLM(
         vocab_size=vocab_size, cell=model_config.family, num_layers=model_config.num_layers,

@@ -119,11 +119,18 @@ class CausalSelfAttention(nn.Module):
   num_heads: int
   use_rope: bool = False
   out_init_scale: float = 1.0  # Residual projections are scaled down by depth.
+  cache_len: int = 0  # decode: tokens the key/value cache holds (the model's context)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids=None):  # x: [batch, length, embed]
+  def __call__(self, x, positions, segment_ids=None, decode: bool = False):
+    """x [batch, length, embed]. With `decode`, x is one token per row at absolute
+    position `positions` [batch, 1] (the same for every row): its key and value go
+    into a ring-buffer cache of the last `cache_len` tokens (the 'cache'
+    collection, created zeroed on first use), and the token attends to the cache.
+    With RoPE, attention depends only on relative positions, so the ring buffer
+    keeps working past cache_len (a sliding window)."""
     embed_dim = x.shape[-1]
     if embed_dim % self.num_heads:
       raise ValueError(f'model.embed_dim={embed_dim} is not divisible by '
@@ -136,13 +143,31 @@ class CausalSelfAttention(nn.Module):
     query, key, value = qkv[0], qkv[1], qkv[2]  # [batch, length, heads, kv]
     if self.use_rope:
       query, key = rope(query, positions), rope(key, positions)
+    if decode:
+      return self._out(self._decode(query, key, value, positions[0, 0]), head_dim, embed_dim)
     mask = None
     if segment_ids is not None:  # Packed rows: no attention across documents.
       mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True)
+    return self._out(out, head_dim, embed_dim)
+
+  def _out(self, out, head_dim, embed_dim):
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-    return einsum((self.num_heads, head_dim, embed_dim), ('heads', 'kv', 'embed'),
-                  'blhk,hkd->bld', init_scale=self.out_init_scale, name='out')(out)
+    return Einsum((self.num_heads, head_dim, embed_dim), ('heads', 'kv', 'embed'),
+                  'blhk,hkd->bld', init_scale=self.out_init_scale, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name='out')(out)
+
+  def _decode(self, query, key, value, position):
+    batch, _, heads, head_dim = key.shape
+    shape = (batch, self.cache_len, heads, head_dim)
+    cached_key = self.variable('cache', 'key', jnp.zeros, shape, key.dtype)
+    cached_value = self.variable('cache', 'value', jnp.zeros, shape, value.dtype)
+    slot = position % self.cache_len
+    cached_key.value = jax.lax.dynamic_update_index_in_dim(cached_key.value, key[:, 0], slot, 1)
+    cached_value.value = jax.lax.dynamic_update_index_in_dim(cached_value.value, value[:, 0],
+                                                             slot, 1)
+    filled = (jnp.arange(self.cache_len) <= position)[None, None, None, :]  # [1, 1, 1, cache]
+    return jax.nn.dot_product_attention(query, cached_key.value, cached_value.value, mask=filled)
 
 
 class Mlp(nn.Module):

@@ -3,9 +3,15 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lmjax.models import layers
+
+
+# Activation checkpointing of whole blocks: what the backward pass may keep.
+REMAT_POLICIES = {'none': None, 'full': None,
+                  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nn.Module):
@@ -17,17 +23,18 @@ class Block(nn.Module):
   use_rope: bool
   dropout: float
   out_init_scale: float
+  cache_len: int
   dtype: Any
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, deterministic: bool):  # [batch, length, embed]
-    kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+  def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool = False):
+    kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)  # x: [batch, length, embed]
     attention = layers.CausalSelfAttention(self.num_heads, use_rope=self.use_rope,
-                                           out_init_scale=self.out_init_scale, name='attention',
-                                           **kinds)
+                                           out_init_scale=self.out_init_scale,
+                                           cache_len=self.cache_len, name='attention', **kinds)
     h = attention(layers.Norm(self.norm, name='attention_norm', **kinds)(x), positions,
-                  segment_ids)
+                  segment_ids, decode)
     x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
     mlp = layers.Mlp(self.mlp_dim, kind=self.mlp, out_init_scale=self.out_init_scale,
                      name='mlp', **kinds)
@@ -40,7 +47,9 @@ class TransformerLM(nn.Module):
   """Token ids [batch, length] -> next-token logits [batch, length, vocab].
 
   Packed rows pass `positions` (restarting at each document) and `segment_ids`
-  (attention stays within a segment)."""
+  (attention stays within a segment). `decode=True` runs one token per row at
+  `positions` [batch, 1] against a key/value cache of the last `max_len` tokens
+  (the mutable 'cache' collection): generation without recomputation."""
   vocab_size: int
   max_len: int
   num_layers: int = 4
@@ -52,6 +61,7 @@ class TransformerLM(nn.Module):
   norm: str = 'layernorm'
   dropout: float = 0.0
   tie_embeddings: bool = True
+  remat: str = 'none'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -63,7 +73,8 @@ class TransformerLM(nn.Module):
     return 4 * self.embed_dim
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+               decode: bool = False):
     if self.positions not in ('learned', 'rope'):
       raise ValueError(f"model.positions must be 'learned' or 'rope', got {self.positions!r}")
     batch, length = tokens.shape
@@ -81,12 +92,16 @@ class TransformerLM(nn.Module):
       x = x + position_table(positions)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat must be one of {", ".join(REMAT_POLICIES)}; got {self.remat!r}')
+    block = Block if self.remat == "none" else nn.remat(  # deterministic, decode are static
+        Block, policy=REMAT_POLICIES[self.remat], static_argnums=(4, 5))
     for i in range(self.num_layers):
-      x = Block(num_heads=self.num_heads, mlp_dim=self.hidden_dim(), mlp=self.mlp,
+      x = block(num_heads=self.num_heads, mlp_dim=self.hidden_dim(), mlp=self.mlp,
                 norm=self.norm, use_rope=self.positions == 'rope', dropout=self.dropout,
-                out_init_scale=1.0 / math.sqrt(2 * self.num_layers), dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'block_{i}')(x, positions, segment_ids,
-                                                                  deterministic)
+                out_init_scale=1.0 / math.sqrt(2 * self.num_layers), cache_len=self.max_len,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f'block_{i}')(
+                    x, positions, segment_ids, deterministic, decode)
     x = layers.Norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
                     name='final_norm')(x)
     if self.tie_embeddings:
