@@ -14,6 +14,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from lmjax import fs
 from lmjax.data import tokenizers
 
 ITEMS = ('state', 'config', 'tokenizer')
@@ -24,7 +25,7 @@ class CheckpointError(RuntimeError):
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(fs.absolute(workdir), 'checkpoints')
 
 
 def manager(workdir: str, checkpoint_config=None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -48,7 +49,7 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, config_json: dict
 
 def best_loss(workdir: str) -> float:
   """The evaluation loss of the kept best checkpoint (inf if none)."""
-  if not os.path.isdir(os.path.join(os.path.abspath(workdir), 'checkpoints_best')):
+  if not fs.isdir(os.path.join(fs.absolute(workdir), 'checkpoints_best')):
     return float('inf')
   best = best_manager(workdir, read_only=True)
   steps = best.all_steps()
@@ -131,7 +132,7 @@ def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager
                                          read_only=read_only)
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
               'tokenizer': ocp.JsonCheckpointHandler(), 'metrics': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints_best'),
+  return ocp.CheckpointManager(os.path.join(fs.absolute(workdir), 'checkpoints_best'),
                                options=options, item_handlers=handlers)
 
 
@@ -139,7 +140,7 @@ def _intact(checkpoints, step: int) -> str | None:
   """None if every item of `step` reads back its metadata, else what is wrong."""
   path = _step_path(checkpoints, step)
   for item in ITEMS:
-    if not os.path.isdir(os.path.join(path, item)):
+    if not fs.isdir(os.path.join(path, item)):
       return f'{item!r} is missing'
   try:
     read_json(checkpoints, step, 'config')

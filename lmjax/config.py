@@ -116,8 +116,9 @@ def from_json(text_or_dict) -> ml_collections.ConfigDict:
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> str:
+  from lmjax import fs
   path = os.path.join(workdir, 'config.json')
-  with open(path, 'w') as f:
+  with fs.open(path, 'w') as f:
     f.write(to_json(config) + '\n')
   return path
 

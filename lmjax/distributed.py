@@ -3,8 +3,9 @@
 `initialize()` calls `jax.distributed.initialize` only when the run is
 multi-process: given a coordinator address and process count (flags or the
 LMJAX_COORDINATOR_ADDRESS / LMJAX_NUM_PROCESSES / LMJAX_PROCESS_ID
-environment variables), or on a Cloud TPU VM slice with several workers, where
-JAX finds its peers itself. A peer that never joins ends the run after
+environment variables), or on a Cloud TPU VM slice (LMJAX_DISTRIBUTED=auto, which
+launch/tpu.py sets, or several TPU_WORKER_HOSTNAMES), where JAX finds its peers
+itself. A peer that never joins ends the run after
 `timeout` seconds with a message naming the coordinator, instead of hanging.
 On CPU, cross-process collectives use gloo.
 """
@@ -35,7 +36,7 @@ def settings(coordinator_address: str = '', num_processes: int = 0,
           'a multi-process run needs a coordinator address, a process count above 1 and this '
           f'process id in [0, count): got address {address!r}, count {count}, id {index}')
     return {'coordinator_address': address, 'num_processes': count, 'process_id': index}
-  if _tpu_pod_worker():
+  if _tpu_pod_worker() or os.environ.get('LMJAX_DISTRIBUTED') == 'auto':
     return {}  # Cloud TPU VM slice: JAX reads the topology from the metadata server.
   return None
 

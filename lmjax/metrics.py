@@ -8,6 +8,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lmjax import fs
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -29,7 +31,7 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self._path, 'a') as f:
+    with fs.open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     with self._summary.as_default(step=int(step)):
       for name, value in scalars.items():
@@ -41,7 +43,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
+  with fs.open(os.path.join(workdir, METRICS_FILE)) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from lmjax import checkpoint
 from lmjax import config as config_lib
 from lmjax import distributed
+from lmjax import fs
 from lmjax import evaluate
 from lmjax import metrics as metrics_lib
 from lmjax import models
@@ -163,7 +164,7 @@ def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
 
 def _setup(config, workdir: str) -> _Run:
   """Config -> mesh, data, tokenizer, model, (restored) state and jitted steps."""
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
   pipeline.check_layout(config.data.layout)
@@ -330,6 +331,36 @@ def _train_record(progress: _Progress, step: int, last_step: int, steps_timed: i
   return record
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to resume.
+
+
+class Preempted(Exception):
+  """Training stopped at a SIGTERM after saving a checkpoint at `step`."""
+
+
+class _Preemption:
+  """Has a preemption notice (SIGTERM) arrived? Single process: our own SIGTERM
+  handler sets a flag, read after each step (the step in flight finishes first).
+  Multi-process: Orbax's preemption sync point (JAX's coordination service),
+  which makes every process agree on the same step to save at."""
+
+  def __init__(self):
+    self.flag = False
+
+  def install(self) -> None:
+    import signal
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, 'flag', True))
+
+  def reached(self, step: int, checkpoints) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(checkpoints.reached_preemption(step))
+
+
+preemption = _Preemption()
+
+
 def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
   """Runs the steps from the state's step to the last one; returns (start step, seconds).
 
@@ -385,11 +416,17 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
       if done % log_every:
         write(done, {})
       progress.exclude(time.perf_counter() - eval_start)  # Evaluation is not training time.
-    if done % config.checkpoint.every == 0 or is_last:
+    preempted = preemption.reached(done, run.checkpoints)
+    if done % config.checkpoint.every == 0 or is_last or preempted:
       progress.fetch(keep_last=False)  # Never save a state whose loss went non-finite.
       save_start = time.perf_counter()
       run.save(done)
       progress.exclude(time.perf_counter() - save_start)
+    if preempted:
+      run.checkpoints.wait_until_finished()
+      _log(f'preempted (SIGTERM): saved a checkpoint at step {done}; exiting with status '
+           f'{PREEMPTED_EXIT_CODE}; start the same command again to resume')
+      raise Preempted(done)
   if last_step > start_step:
     progress.fetch(keep_last=False)
     write(last_step, _train_record(progress, last_step, last_step, steps_timed))
@@ -401,7 +438,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   whole evaluation split and prints a sample; returns the final evaluation."""
   run = _setup(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  start_step, seconds = _train(run, writer)
+  preemption.install()
+  try:
+    start_step, seconds = _train(run, writer)
+  except Preempted:
+    writer.close()
+    run.checkpoints.close()
+    raise
   run.checkpoints.wait_until_finished()
   run.state = run.global_state()
   final_step = int(jax.device_get(run.state.step))
@@ -440,6 +483,8 @@ def _main(argv):
       print(json.dumps(compile_only(flag_values.config), indent=2))
       return
     train_and_evaluate(flag_values.config, flag_values.workdir)
+  except Preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)
   except (config_lib.ConfigError, ValueError, checkpoint.CheckpointError,
           FloatingPointError, distributed.DistributedError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece
 
+from lmjax import fs
+
 
 class TokenizerError(ValueError):
   """A tokenizer that cannot be built, loaded or used."""
@@ -221,9 +223,9 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, path: str) -> 'SentencePieceTokenizer':
-    if not os.path.isfile(path):
+    if not fs.exists(path):
       raise TokenizerError(f'sentencepiece model {path!r} does not exist')
-    with open(path, 'rb') as f:
+    with fs.open(path, 'rb') as f:
       proto = f.read()
     try:
       return cls(proto)
@@ -286,7 +288,7 @@ class SentencePieceTokenizer(Tokenizer):
     return sizes
 
   def save(self, path: str) -> None:
-    with open(path, 'wb') as f:
+    with fs.open(path, 'wb') as f:
       f.write(self.model_proto)
 
   def to_json(self) -> dict:
@@ -334,17 +336,17 @@ TOKENIZER_FILE = 'tokenizer.json'
 def for_run(tokenizer_config, workdir: str, train_texts) -> Tokenizer:
   """The run's tokenizer: the workdir's saved one, or a new one saved there."""
   path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
+  if fs.exists(path):
+    with fs.open(path) as f:
       tokenizer = from_json(json.load(f))
     if tokenizer.kind != tokenizer_config.kind:
       raise TokenizerError(f'{path} holds a {tokenizer.kind!r} tokenizer but the config asks '
                            f'for {tokenizer_config.kind!r}; use another workdir')
     return tokenizer
   tokenizer = build(tokenizer_config, train_texts)
-  with open(path + '.tmp', 'w') as f:
+  with fs.open(path + '.tmp', 'w') as f:
     json.dump(tokenizer.to_json(), f)
-  os.replace(path + '.tmp', path)
+  fs.replace(path + '.tmp', path)
   if isinstance(tokenizer, SentencePieceTokenizer):  # For other tools' convenience.
     tokenizer.save(os.path.join(workdir, 'tokenizer.model'))
   return tokenizer
