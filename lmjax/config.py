@@ -128,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, dropout and data order.
   c.parallelism = 'mesh'  # 'mesh' (jit over config.mesh) or 'pmap' (replicated, data parallel).
+  # Persistent XLA compilation cache: a second run skips compiling ('' = off).
+  c.compilation_cache_dir = '~/.cache/lmjax/xla'
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'python_stdlib'  # tfds corpus name ('python_stdlib' is embedded), or 'files'.

@@ -162,8 +162,20 @@ def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
   return state, state_shardings, checkpoints
 
 
+def enable_compilation_cache(directory: str) -> None:
+  """Persists every compiled program under `directory` (local or gs://), so the next
+  run with the same shapes loads it instead of compiling again."""
+  if not directory:
+    return
+  directory = os.path.expanduser(directory)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def _setup(config, workdir: str) -> _Run:
   """Config -> mesh, data, tokenizer, model, (restored) state and jitted steps."""
+  enable_compilation_cache(config.compilation_cache_dir)
   fs.makedirs(workdir)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)

@@ -35,6 +35,7 @@ def corpus_dir(tmp_path_factory) -> pathlib.Path:
 def tiny_config(corpus_dir, **overrides):
   """A 2-layer, width-64 Transformer on the local corpus; overrides are 'a.b': value."""
   c = config_lib.base_config()
+  c.compilation_cache_dir = ''  # hermetic: no cache shared between test runs
   c.data.name = 'files'
   c.data.files = str(corpus_dir / 'part[012].txt')
   c.data.validation_files = str(corpus_dir / 'part3.txt')

@@ -164,3 +164,14 @@ def test_packed_paragraphs_train_and_resume_bitwise(corpus_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(params_at(str(tmp_path / 'w'), 40)),
                   jax.tree.leaves(params_at(str(tmp_path / 's'), 40))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_compiled_programs_persist_in_the_compilation_cache(corpus_dir, tmp_path):
+  cache = tmp_path / 'xla'
+  command = [sys.executable, '-m', 'lmjax.train', '--config',
+             f'{REPO}/tests/tiny_run_config.py:{corpus_dir}', '--workdir', str(tmp_path / 'run'),
+             f'--config.compilation_cache_dir={cache}', '--config.train.num_steps=2',
+             '--config.train.eval_every=0', '--config.sample.max_new_tokens=0']
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(list(cache.iterdir())) >= 2  # the train step and the eval step at least
