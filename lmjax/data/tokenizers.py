@@ -344,9 +344,12 @@ def for_run(tokenizer_config, workdir: str, train_texts) -> Tokenizer:
                            f'for {tokenizer_config.kind!r}; use another workdir')
     return tokenizer
   tokenizer = build(tokenizer_config, train_texts)
-  with fs.open(path + '.tmp', 'w') as f:
+  # Every process of a multi-host run builds the same tokenizer and may write it:
+  # each through its own temporary file, then an atomic rename over the same name.
+  temporary = f'{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}'
+  with fs.open(temporary, 'w') as f:
     json.dump(tokenizer.to_json(), f)
-  fs.replace(path + '.tmp', path)
+  fs.replace(temporary, path)
   if isinstance(tokenizer, SentencePieceTokenizer):  # For other tools' convenience.
     tokenizer.save(os.path.join(workdir, 'tokenizer.model'))
   return tokenizer
