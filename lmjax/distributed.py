@@ -63,3 +63,21 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
         f'-process job with coordinator {where} within {timeout}s (is every process started, '
         f'with the same address and count?): {type(error).__name__}: {error}') from error
   return True
+
+
+def define_flags() -> None:
+  """The multi-process flags every entry point takes (absl)."""
+  from absl import flags
+  flags.DEFINE_string('coordinator_address', '', 'Multi-process: host:port of process 0 '
+                      '(or $LMJAX_COORDINATOR_ADDRESS; automatic on Cloud TPU VM slices).')
+  flags.DEFINE_integer('num_processes', 0, 'Multi-process: number of processes.')
+  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process (0-based).')
+  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process to join.')
+
+
+def initialize_from_flags() -> bool:
+  """`initialize` with the values of the flags `define_flags` defined."""
+  from absl import flags
+  values = flags.FLAGS
+  return initialize(values.coordinator_address, values.num_processes, values.process_id,
+                    values.distributed_timeout)

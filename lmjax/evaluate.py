@@ -123,20 +123,17 @@ def _main(argv):
 
   from absl import flags
 
-  from lmjax import checkpoint, config as config_lib
+  from lmjax import checkpoint, config as config_lib, distributed
   from lmjax.data import corpora
   flag_values = flags.FLAGS
   try:
-    distributed_args = (flag_values.coordinator_address, flag_values.num_processes,
-                        flag_values.process_id, flag_values.distributed_timeout)
-    from lmjax import distributed
-    distributed.initialize(*distributed_args)
+    distributed.initialize_from_flags()
     log = lambda message: print(message, file=sys.stderr)
     result = evaluate_checkpoint(flag_values.workdir, flag_values.step, flag_values.split or None,
                                  _data_overrides(_DATA_ARGS), flag_values.eval_batches,
                                  flag_values.batch_size, log)
   except (checkpoint.CheckpointError, config_lib.ConfigError, corpora.CorpusError,
-          ValueError) as error:
+          ValueError, distributed.DistributedError) as error:
     sys.exit(f'error: {error}')
   text = json.dumps(result, indent=2, sort_keys=True)
   if jax.process_index() == 0:
@@ -155,6 +152,8 @@ def run():
   import sys
 
   from absl import app, flags
+
+  from lmjax import distributed
   _DATA_ARGS[:] = [a for a in sys.argv[1:] if a.startswith('--data.')]
   argv = [a for a in sys.argv if not a.startswith('--data.')]
   flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
@@ -163,10 +162,7 @@ def run():
   flags.DEFINE_integer('eval_batches', -1, 'Batches to evaluate (-1 = the whole split).')
   flags.DEFINE_integer('batch_size', 0, "Global batch size (0 = the run's eval batch size).")
   flags.DEFINE_string('output', '', 'Also write the JSON result to this file.')
-  flags.DEFINE_string('coordinator_address', '', 'Multi-process: host:port of process 0.')
-  flags.DEFINE_integer('num_processes', 0, 'Multi-process: number of processes.')
-  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process (0-based).')
-  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
+  distributed.define_flags()
   app.run(_main, argv=argv)
 
 

@@ -120,6 +120,7 @@ class _Run:
   evaluate: Any  # (params, stream, max_batches) -> metrics
   num_params: int
   state_shardings: Any
+  best_loss: float = float('inf')  # of the checkpoint kept in checkpoints_best/
 
   def global_state(self):
     """The state as global arrays on the mesh (a pmap run keeps a replicated copy
@@ -128,22 +129,21 @@ class _Run:
       return self.state
     return jax.device_put(_host_copy(self.state), self.state_shardings)
 
-  best_loss: float = float('inf')
-
   def keep_if_best(self, step: int, result: dict) -> None:
     """Saves `step` apart (WORKDIR/checkpoints_best) if its evaluation is the best yet."""
     if not self.config.checkpoint.keep_best or not result['loss'] < self.best_loss:
       return
     self.best_loss = result['loss']
     best = checkpoint.best_manager(self.workdir)
-    checkpoint.save(best, step, self.global_state(), json.loads(config_lib.to_json(self.config)),
-                    self.tokenizer.to_json(), metrics=result)
+    self.save(step, best, metrics=result)
     best.wait_until_finished()
     best.close()
 
-  def save(self, step: int) -> None:
-    checkpoint.save(self.checkpoints, step, self.global_state(),
-                    json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json())
+  def save(self, step: int, checkpoints=None, metrics: dict | None = None) -> None:
+    """Saves `step` (state, config, tokenizer) to `checkpoints` (the run's manager)."""
+    checkpoint.save(checkpoints or self.checkpoints, step, self.global_state(),
+                    json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json(),
+                    metrics=metrics)
 
 
 def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
@@ -489,8 +489,7 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)
   flag_values = flags.FLAGS
   try:
-    distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
-                           flag_values.process_id, flag_values.distributed_timeout)
+    distributed.initialize_from_flags()
     if flag_values.compile_only:
       print(json.dumps(compile_only(flag_values.config), indent=2))
       return
@@ -510,11 +509,7 @@ def run():
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
   flags.DEFINE_bool('compile_only', False, 'Lower and compile the train step for the configured '
                     'mesh without data or a run; print its per-device memory as JSON.')
-  flags.DEFINE_string('coordinator_address', '', 'Multi-process: host:port of process 0 '
-                      '(or $LMJAX_COORDINATOR_ADDRESS; automatic on Cloud TPU VM slices).')
-  flags.DEFINE_integer('num_processes', 0, 'Multi-process: number of processes.')
-  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process (0-based).')
-  flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process to join.')
+  distributed.define_flags()
   flags.mark_flags_as_required(['config'])
   flags.register_multi_flags_validator(
       ['workdir', 'compile_only'], lambda v: bool(v['workdir']) or v['compile_only'],
