@@ -28,6 +28,7 @@ LOGICAL_RULES = (
     ('gates', None),  # recurrent models: gate axis of a cell's kernels
     ('hidden', None),  # recurrent models: hidden units (outputs)
     ('hidden_in', 'fsdp'),  # recurrent models: hidden units (inputs of W_hh)
+    ('classes', None),  # classifier head: output classes
 )
 
 

@@ -112,26 +112,30 @@ def rope(x, positions, base: float = 10_000.0):
   return rotated.astype(x.dtype)
 
 
-def causal_attention(query, key, value, mask=None):
-  """softmax(q k^T / sqrt(d) + causal mask [& mask]) v over [batch, length, heads, kv];
+def attention(query, key, value, mask=None, causal: bool = True):
+  """softmax(q k^T / sqrt(d) + mask) v over [batch, length, heads, kv], with the
+  causal mask (decoder) or without (encoder), and `mask` [batch, 1, q, k] on top;
   scores and softmax in float32. Written out rather than jax.nn.dot_product_attention:
   on CPU, XLA then keeps the heads-major layout batched matmuls want (about 2 % of
   the shakespeare_char step)."""
   length, head_dim = query.shape[1], query.shape[-1]
   q = jnp.einsum('bqhk->bhqk', query) * jnp.asarray(head_dim ** -0.5, query.dtype)
   scores = jnp.einsum('bhqk,bshk->bhqs', q, key, preferred_element_type=jnp.float32)
-  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] if causal else None
   if mask is not None:
-    allowed = allowed & mask
-  scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    allowed = mask if allowed is None else allowed & mask
+  if allowed is not None:
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
   return jnp.einsum('bhqs,bshk->bqhk', probs, value)
 
 
-class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention: one fused QKV projection, then
-  `causal_attention`. With `segment_ids` [batch, length], a token attends only within its segment."""
+class SelfAttention(nn.Module):
+  """Multi-head self-attention, causal (decoder) or bidirectional (encoder): one
+  fused QKV projection, then `attention`. With `segment_ids` [batch, length], a
+  token attends only within its segment (0 = padding)."""
   num_heads: int
+  causal: bool = True
   use_rope: bool = False
   out_init_scale: float = 1.0  # Residual projections are scaled down by depth.
   cache_len: int = 0  # decode: tokens the key/value cache holds (the model's context)
@@ -159,11 +163,13 @@ class CausalSelfAttention(nn.Module):
     if self.use_rope:
       query, key = rope(query, positions), rope(key, positions)
     if decode:
+      if not self.causal:
+        raise ValueError('a bidirectional encoder cannot decode token by token')
       return self._out(self._decode(query, key, value, positions[0, 0]), head_dim, embed_dim)
     mask = None
     if segment_ids is not None:  # Packed rows: no attention across documents.
       mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    out = causal_attention(query, key, value, mask)
+    out = attention(query, key, value, mask, self.causal)
     return self._out(out, head_dim, embed_dim)
 
   def _out(self, out, head_dim, embed_dim):

@@ -219,7 +219,11 @@ class RecurrentLM(nn.Module):
   recurrent = True  # class attribute: callers pass and receive a carry
 
   @nn.compact
-  def __call__(self, tokens, carry=None, reset=None, deterministic: bool = True):
+  def __call__(self, tokens, carry=None, reset=None, deterministic: bool = True,
+               head: bool = True):
+    """(logits [batch, length, vocab], next carry); `head=False` returns the top
+    layer's outputs [batch, length, hidden] instead of logits (a classifier's
+    backbone: the output at a row's last token is its final state)."""
     if self.cell not in CELLS:
       raise ValueError(f'unknown recurrent cell {self.cell!r}; known: {", ".join(CELLS)}')
     if self.tie_embeddings and self.embed_dim != self.hidden_dim:
@@ -255,6 +259,8 @@ class RecurrentLM(nn.Module):
       states.append(state)
     new_carry = jax.lax.stop_gradient(jnp.stack(states).astype(jnp.float32))
     x = jnp.swapaxes(x, 0, 1)  # batch-major before the (large) vocabulary projection
+    if not head:
+      return x, new_carry
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -1,4 +1,6 @@
-"""Decoder-only Transformer language model (pre-norm, causal)."""
+"""Transformer language models (pre-norm): the causal decoder (next-token LM)
+and, with `causal=False`, the bidirectional encoder (masked LM): one module,
+the same blocks, only the attention mask differs."""
 import math
 from typing import Any
 
@@ -17,6 +19,7 @@ REMAT_POLICIES = {'none': None, 'full': None,
 class Block(nn.Module):
   """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
   num_heads: int
+  causal: bool
   mlp_dim: int
   mlp: str
   norm: str
@@ -30,7 +33,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool = False):
     kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)  # x: [batch, length, embed]
-    attention = layers.CausalSelfAttention(self.num_heads, use_rope=self.use_rope,
+    attention = layers.SelfAttention(self.num_heads, causal=self.causal, use_rope=self.use_rope,
                                            out_init_scale=self.out_init_scale,
                                            cache_len=self.cache_len, name='attention', **kinds)
     h = attention(layers.Norm(self.norm, name='attention_norm', **kinds)(x), positions,
@@ -49,7 +52,12 @@ class TransformerLM(nn.Module):
   Packed rows pass `positions` (restarting at each document) and `segment_ids`
   (attention stays within a segment). `decode=True` runs one token per row at
   `positions` [batch, 1] against a key/value cache of the last `max_len` tokens
-  (the mutable 'cache' collection): generation without recomputation."""
+  (the mutable 'cache' collection): generation without recomputation.
+
+  `causal=False` makes it a bidirectional encoder (every token sees the whole
+  segment): the masked-LM objective and sequence classification. `head=False`
+  returns the final hidden states [batch, length, embed] instead of logits
+  (the backbone of a classifier)."""
   vocab_size: int
   max_len: int
   num_layers: int = 4
@@ -62,6 +70,7 @@ class TransformerLM(nn.Module):
   dropout: float = 0.0
   tie_embeddings: bool = True
   remat: str = 'none'
+  causal: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -74,7 +83,7 @@ class TransformerLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               decode: bool = False):
+               decode: bool = False, head: bool = True):
     if self.positions not in ('learned', 'rope'):
       raise ValueError(f"model.positions must be 'learned' or 'rope', got {self.positions!r}")
     batch, length = tokens.shape
@@ -97,13 +106,15 @@ class TransformerLM(nn.Module):
     block = Block if self.remat == "none" else nn.remat(  # deterministic, decode are static
         Block, policy=REMAT_POLICIES[self.remat], static_argnums=(4, 5))
     for i in range(self.num_layers):
-      x = block(num_heads=self.num_heads, mlp_dim=self.hidden_dim(), mlp=self.mlp,
+      x = block(num_heads=self.num_heads, causal=self.causal, mlp_dim=self.hidden_dim(), mlp=self.mlp,
                 norm=self.norm, use_rope=self.positions == 'rope', dropout=self.dropout,
                 out_init_scale=1.0 / math.sqrt(2 * self.num_layers), cache_len=self.max_len,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f'block_{i}')(
                     x, positions, segment_ids, deterministic, decode)
     x = layers.Norm(self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
                     name='final_norm')(x)
+    if not head:
+      return x
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
