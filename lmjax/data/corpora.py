@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 import sysconfig
+from typing import Any
 
 try:  # tfds 4.9 imports importlib_resources without declaring it (Python >= 3.9).
   import importlib_resources  # noqa: F401
@@ -133,18 +134,26 @@ def _prepare(builder, data_config) -> None:
                       f'could not be built ({type(error).__name__}: {error}). {how_to}') from error
 
 
-def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
+def tfds_examples(data_config, split: str, keys) -> tuple[tf.data.Dataset, Any]:
+  """(the split's examples in order, the builder's features), the corpus prepared
+  first if need be; CorpusError if a feature in `keys` does not exist."""
   data_dir = data_config.data_dir or None
   builder = tfds.builder(data_config.name, data_dir=data_dir)
   if not builder.is_prepared():
     _prepare(builder, data_config)
   features = builder.info.features
-  if data_config.text_key not in features:
-    raise CorpusError(f'tfds corpus {data_config.name!r} has no feature '
-                      f'{data_config.text_key!r}; its features: {", ".join(features)}')
+  for key in keys:
+    if key not in features:
+      raise CorpusError(f'tfds corpus {data_config.name!r} has no feature {key!r}; its '
+                        f'features: {", ".join(features)}')
   dataset = tfds.load(data_config.name, split=split, data_dir=data_dir, download=False,
                       shuffle_files=False)
+  return dataset, features
+
+
+def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
   key = data_config.text_key
+  dataset, _ = tfds_examples(data_config, split, [key])
   return dataset.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True)
 
@@ -237,7 +246,7 @@ def split_plan(data_config) -> dict:
   return plan
 
 
-def _checked_parts(data_config, split: str) -> list[tuple[str, float, float]]:
+def checked_parts(data_config, split: str) -> list[tuple[str, float, float]]:
   """`split_plan(data_config)[split]`, its files checked (empty, binary, UTF-8)."""
   if split not in LOCAL_SPLITS:
     raise CorpusError(f'local corpora have splits {", ".join(LOCAL_SPLITS)}; got {split!r}')
@@ -255,7 +264,7 @@ def _checked_parts(data_config, split: str) -> list[tuple[str, float, float]]:
 
 def local_files(data_config, split: str) -> list[str]:
   """The (checked) files that `split` of a local corpus reads."""
-  return list(dict.fromkeys(p for p, _, _ in _checked_parts(data_config, split)))
+  return list(dict.fromkeys(p for p, _, _ in checked_parts(data_config, split)))
 
 
 def _file_bucket(path: str) -> float:
@@ -275,7 +284,7 @@ def _line_cut(raw: bytes, fraction: float) -> int:
 
 
 def _files_documents(data_config, split: str) -> tf.data.Dataset:
-  parts = _checked_parts(data_config, split)
+  parts = checked_parts(data_config, split)
 
   def read(path, start, end):
     def cut(raw: bytes, start: float, end: float) -> bytes:

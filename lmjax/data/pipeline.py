@@ -216,58 +216,129 @@ def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.prefetch(4).with_options(options)
 
 
+@dataclasses.dataclass(frozen=True)
+class Masking:
+  """BERT-style masking for the masked-LM objective (Devlin et al. 2019): each
+  token is chosen with probability `rate`; a chosen token becomes [MASK]
+  (`mask_fraction` of the time), a random token (`random_fraction`) or stays,
+  and is the only kind of position with a loss. The draws are a function of
+  (seed, step) over the global batch, so they are deterministic, resume
+  exactly and do not depend on the number of processes."""
+  mask_id: int
+  vocab_size: int  # random replacements are drawn from [0, vocab_size)
+  rate: float = 0.15
+  mask_fraction: float = 0.8
+  random_fraction: float = 0.1
+
+  @classmethod
+  def from_config(cls, mlm_config, mask_id: int, vocab_size: int) -> 'Masking':
+    fractions = (mlm_config.mask_fraction, mlm_config.random_fraction)
+    if not 0 < mlm_config.mask_rate <= 1 or min(fractions) < 0 or sum(fractions) > 1:
+      raise ValueError(f'mlm: need 0 < mask_rate <= 1 and mask_fraction + random_fraction <= 1; '
+                       f'got {mlm_config.mask_rate}, {fractions[0]}, {fractions[1]}')
+    return cls(mask_id, vocab_size, mlm_config.mask_rate, *fractions)
+
+  def apply(self, batch: dict, seed, rows: slice, global_batch: int) -> dict:
+    """`batch` (this process' `rows` of the global batch) with its inputs masked:
+    targets are the original inputs, weights 1 where a prediction is scored."""
+    tokens = tf.convert_to_tensor(batch['inputs'])
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    shape = [global_batch, tokens.shape[1]]
+    draw = tf.random.stateless_uniform([2] + shape, seed=seed)[:, rows.start:rows.stop]
+    random_tokens = tf.random.stateless_uniform(shape, seed=seed + [0, 1 << 40], minval=0,
+                                                maxval=self.vocab_size, dtype=tf.int32)
+    random_tokens = tf.cast(random_tokens[rows.start:rows.stop], tokens.dtype)
+    # Real tokens: packed rows mark padding with segment 0, windows with weight 0.
+    present = tf.convert_to_tensor(batch['segment_ids'] if 'segment_ids' in batch
+                                   else batch['weights']) > 0
+    chosen = (draw[0] < self.rate) & present
+    masked = tf.where(chosen & (draw[1] < self.mask_fraction), tf.cast(self.mask_id, tokens.dtype),
+                      tokens)
+    replaced = chosen & (draw[1] >= self.mask_fraction) & (
+        draw[1] < self.mask_fraction + self.random_fraction)
+    return {**batch, 'inputs': tf.where(replaced, random_tokens, masked), 'targets': tokens,
+            'weights': tf.cast(chosen, tf.float32)}
+
+
 def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  layout: str = 'windows') -> Iterator[dict]:
+                  layout: str = 'windows', masking: Masking | None = None) -> Iterator[dict]:
   """Infinite training batches from `start_step` on: this process' rows.
 
   Yields dicts of numpy arrays [rows, seq_len]: inputs, targets (int32) and
   weights (float32); `packed` adds segment_ids and positions, `stream` adds
-  reset [rows] (1.0 on the first step of an epoch).
+  reset [rows] (1.0 on the first step of an epoch). With `masking`, inputs are
+  masked and the targets are the unmasked inputs (the masked-LM objective).
   """
   rows = _local_rows(global_batch, process_index, process_count)
   per_epoch = require_steps_per_epoch(stream, seq_len, global_batch, layout)
   if layout == 'stream':
+    if masking is not None:
+      raise ValueError("the masked-LM objective reads 'windows' or 'packed' rows, not 'stream'")
     return _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch)
+  if layout == 'packed':
+    return row_batches(stream.packed(seq_len), global_batch, seed, start_step, process_index,
+                       process_count, masking)
+  count = windows_per_epoch(len(stream.tokens), seq_len)
+  tokens = tf.constant(stream.tokens)
 
-  def epoch_order(epoch, count):
-    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-    order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
-                                                     seed=epoch_seed)
-    return order, epoch_seed
+  def examples_of_epoch(epoch):
+    order, epoch_seed = _epoch_order(seed, epoch, count)
+    offset = tf.random.stateless_uniform([], seed=epoch_seed + 1, maxval=seq_len, dtype=tf.int64)
+    return tf.data.Dataset.from_tensor_slices(order * seq_len + offset)
 
-  if layout == 'windows':
-    count = windows_per_epoch(len(stream.tokens), seq_len)
-    tokens = tf.constant(stream.tokens)
+  def gather(starts):
+    index = starts[rows.start:rows.stop, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
+    window = tf.gather(tokens, index)
+    return {'inputs': window[:, :-1], 'targets': window[:, 1:],
+            'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32)}
 
-    def examples_of_epoch(epoch):
-      order, epoch_seed = epoch_order(epoch, count)
-      offset = tf.random.stateless_uniform([], seed=epoch_seed + 1, maxval=seq_len,
-                                           dtype=tf.int64)
-      return tf.data.Dataset.from_tensor_slices(order * seq_len + offset)
+  return _epochs(examples_of_epoch, count, gather, global_batch, seed, start_step, rows, masking)
 
-    def gather(starts):
-      index = starts[rows.start:rows.stop, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
-      window = tf.gather(tokens, index)
-      return {'inputs': window[:, :-1], 'targets': window[:, 1:],
-              'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32)}
-  else:
-    packed = {k: tf.constant(v) for k, v in stream.packed(seq_len).items()}
-    count = int(packed['inputs'].shape[0])
 
-    def examples_of_epoch(epoch):
-      return tf.data.Dataset.from_tensor_slices(epoch_order(epoch, count)[0])
+def _epoch_order(seed: int, epoch, count: int):
+  epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+  order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
+                                                   seed=epoch_seed)
+  return order, epoch_seed
 
-    def gather(row_ids):
-      return {k: tf.gather(v, row_ids[rows.start:rows.stop]) for k, v in packed.items()}
 
+def _epochs(examples_of_epoch, count: int, gather, global_batch: int, seed: int,
+            start_step: int, rows: slice, masking: Masking | None):
+  """Batches of `global_batch` examples (epoch after epoch, each in its own order)
+  from `start_step` on, gathered (this process' rows) and optionally masked."""
   first_epoch, skip = divmod(start_step * global_batch, count)
   dataset = (tf.data.Dataset.range(first_epoch, 2**62)
              .flat_map(examples_of_epoch)
              .skip(skip)
              .batch(global_batch, drop_remainder=True)
              .map(gather, num_parallel_calls=1))
+  if masking is not None:
+    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(start_step, 2**62), dataset).map(
+        lambda step, batch: masking.apply(batch, tf.stack([tf.constant(seed, tf.int64), step]),
+                                          rows, global_batch))
   return _deterministic(dataset).as_numpy_iterator()
+
+
+def row_batches(examples: dict, global_batch: int, seed: int, start_step: int = 0,
+                process_index: int = 0, process_count: int = 1,
+                masking: Masking | None = None) -> Iterator[dict]:
+  """Infinite batches of whole rows of `examples` (arrays with a leading example
+  axis: packed rows, labelled texts), shuffled per epoch, from `start_step` on."""
+  rows = _local_rows(global_batch, process_index, process_count)
+  count = len(next(iter(examples.values())))
+  if count < global_batch:
+    raise corpora.CorpusError(f'the training split has {count} examples; one batch needs '
+                              f'{global_batch}')
+  constants = {k: tf.constant(v) for k, v in examples.items()}
+
+  def examples_of_epoch(epoch):
+    return tf.data.Dataset.from_tensor_slices(_epoch_order(seed, epoch, count)[0])
+
+  def gather(ids):
+    return {k: tf.gather(v, ids[rows.start:rows.stop]) for k, v in constants.items()}
+
+  return _epochs(examples_of_epoch, count, gather, global_batch, seed, start_step, rows, masking)
 
 
 def _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch):
@@ -290,7 +361,8 @@ def _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch):
 
 def eval_batches(stream: TokenStream, seq_len: int, global_batch: int,
                  max_batches: int = -1, process_index: int = 0,
-                 process_count: int = 1, layout: str = 'windows') -> Iterator[dict]:
+                 process_count: int = 1, layout: str = 'windows',
+                 masking: Masking | None = None, seed: int = 0) -> Iterator[dict]:
   """Every target token of the split exactly once; padding weighs 0.
 
   `windows` and `stream`: the stream is cut into `global_batch` contiguous
@@ -298,22 +370,42 @@ def eval_batches(stream: TokenStream, seq_len: int, global_batch: int,
   batch i holds window i of every row, so a recurrent model can carry its
   state across batches; `reset` is 1.0 on the first batch. `max_batches`
   keeps the first windows of every row. `packed`: the packed rows in order.
+  With `masking`, batch i is masked with the draws of (seed, -1 - i), the same
+  in every evaluation.
   """
   check_layout(layout)
   rows = _local_rows(global_batch, process_index, process_count)
   if layout == 'packed':
-    packed = stream.packed(seq_len)
-    num_batches = -(-len(packed['inputs']) // global_batch)
-    if max_batches >= 0:
-      num_batches = min(num_batches, max_batches)
-    for i in range(num_batches):
-      batch = {}
-      for name, value in packed.items():
-        chunk = value[i * global_batch:(i + 1) * global_batch]
-        padding = np.zeros((global_batch - len(chunk), seq_len), value.dtype)
-        batch[name] = np.concatenate([chunk, padding])[rows]
-      yield batch
-    return
+    batches = eval_row_batches(stream.packed(seq_len), global_batch, max_batches,
+                               process_index, process_count)
+  else:
+    batches = _eval_windows(stream, seq_len, global_batch, max_batches, rows)
+  for i, batch in enumerate(batches):
+    if masking is not None:
+      batch = {k: np.asarray(v) for k, v in masking.apply(batch, [seed, -1 - i], rows,
+                                                          global_batch).items()}
+    yield batch
+
+
+def eval_row_batches(examples: dict, global_batch: int, max_batches: int = -1,
+                     process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """Whole rows of `examples` in order, the last batch padded with weight-0 rows."""
+  rows = _local_rows(global_batch, process_index, process_count)
+  count = len(next(iter(examples.values())))
+  num_batches = -(-count // global_batch)
+  if max_batches >= 0:
+    num_batches = min(num_batches, max_batches)
+  for i in range(num_batches):
+    batch = {}
+    for name, value in examples.items():
+      chunk = value[i * global_batch:(i + 1) * global_batch]
+      padding = np.zeros((global_batch - len(chunk),) + value.shape[1:], value.dtype)
+      batch[name] = np.concatenate([chunk, padding])[rows]
+    yield batch
+
+
+def _eval_windows(stream: TokenStream, seq_len: int, global_batch: int, max_batches: int,
+                  rows: slice) -> Iterator[dict]:
   tokens = stream.tokens
   num_windows = -(-(len(tokens) - 1) // seq_len)
   windows_per_row = -(-num_windows // global_batch)
