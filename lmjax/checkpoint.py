@@ -77,8 +77,9 @@ def _shapes(tree) -> dict:
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def check_shapes(checkpoints, step: int, abstract_params) -> None:
-  """Raises CheckpointError listing every parameter whose shape differs."""
+def check_shapes(checkpoints, step: int, abstract_params, allow_unused: bool = False) -> None:
+  """Raises CheckpointError listing every parameter whose shape differs
+  (`allow_unused`: parameters only the checkpoint has are not a difference)."""
   try:
     metadata = checkpoints.item_metadata(step)['state']
     saved = _shapes(metadata['params'])
@@ -89,6 +90,8 @@ def check_shapes(checkpoints, step: int, abstract_params) -> None:
   wanted = _shapes(abstract_params)
   differences = []
   for name in sorted(set(saved) | set(wanted)):
+    if allow_unused and name not in wanted:
+      continue
     if saved.get(name) != wanted.get(name):
       differences.append(f'  params{name}: checkpoint {saved.get(name, "absent")}, '
                          f'model {wanted.get(name, "absent")}')
@@ -175,10 +178,11 @@ def check_intact(checkpoints, step: int) -> None:
       raise CheckpointError(f'checkpoint step {step} at {path} is damaged: {item!r} is missing')
 
 
-def restore_params(checkpoints, step: int, abstract_params):
+def restore_params(checkpoints, step: int, abstract_params, allow_unused: bool = False):
   """Only the parameters of `step` (no optimizer state is read), straight into the
-  shardings of `abstract_params`, whatever mesh or process count wrote them."""
-  check_shapes(checkpoints, step, abstract_params)
+  shardings of `abstract_params`, whatever mesh or process count wrote them
+  (`allow_unused`: the checkpoint may hold more parameters, which are not read)."""
+  check_shapes(checkpoints, step, abstract_params, allow_unused)
   path = os.path.join(_step_path(checkpoints, step), 'state')
   target = {'params': abstract_params}
   try:

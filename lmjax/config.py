@@ -131,6 +131,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache: a second run skips compiling ('' = off).
   c.compilation_cache_dir = '~/.cache/lmjax/xla'
 
+  # 'lm' (next token, causal models), 'mlm' (masked tokens, model.family='encoder')
+  # or 'classify' (a label per text, any family; see `classify`).
+  c.task = 'lm'
+  # Fine-tune from a pre-training run: 'WORKDIR' or 'WORKDIR:STEP' (latest, best
+  # or a number); its tokenizer is used, its parameters restored (see `finetune`).
+  c.init_from = ''
+
   c.data = ml_collections.ConfigDict()
   c.data.name = 'python_stdlib'  # tfds corpus name ('python_stdlib' is embedded), or 'files'.
   c.data.text_key = 'text'  # Text feature of the tfds corpus.
@@ -155,6 +162,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.clean.strip_control = False  # Remove control characters (tab, newline, CR kept).
   c.data.clean.drop_empty_lines = False  # Remove blank lines.
   c.data.clean.min_doc_chars = 1  # Drop documents shorter than this after cleaning.
+
+  c.mlm = ml_collections.ConfigDict()  # task='mlm': BERT-style masking, in tf.data.
+  c.mlm.mask_rate = 0.15  # Share of tokens chosen for prediction.
+  c.mlm.mask_fraction = 0.8  # Chosen tokens replaced by [MASK] ...
+  c.mlm.random_fraction = 0.1  # ... or by a random token (the rest stay unchanged).
+
+  c.classify = ml_collections.ConfigDict()  # task='classify': labelled texts.
+  c.classify.label_key = 'label'  # Label feature (tfds) or column (CSV/TSV/JSONL files).
+  c.classify.num_classes = 0  # Classes (0 = from the training labels).
+  c.classify.label_names = ''  # Comma-separated names of text labels, in class order ('' = sorted).
+  c.classify.pooling = 'auto'  # 'mean', 'first' or 'last' token ('auto': mean for encoders, else last).
+
+  c.finetune = ml_collections.ConfigDict()  # With init_from.
+  c.finetune.mode = 'full'  # 'full', 'frozen' (only the new head trains) or 'lora'.
+  c.finetune.lora_rank = 8  # LoRA: rank of each adapter.
+  c.finetune.lora_alpha = 16.0  # LoRA: the adapters' update is scaled by alpha / rank.
+  c.finetune.lora_targets = r'(qkv|out|up|down|gate_up)/kernel$'  # LoRA: regex over parameter paths.
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = 'bytes'  # 'bytes', 'chars', 'words' or 'sentencepiece'.

@@ -26,14 +26,18 @@ def make_eval_fn(model, tokenizer, param_shardings, mesh):
 
 def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_size: int,
              mesh, max_batches: int = -1, layout: str = 'windows', model=None,
-             carry: bool = False) -> dict:
+             carry: bool = False, masking: pipeline.Masking | None = None,
+             seed: int = 0) -> dict:
   """Metrics over the split (or its first `max_batches` batches), every token once.
   With `carry`, a recurrent `model` carries its state from batch to batch over
-  the split's contiguous rows (the standard protocol for stateful models)."""
+  the split's contiguous rows (the standard protocol for stateful models). With
+  `masking` (the masked-LM objective), the metrics are those of the masked
+  positions, drawn the same way in every evaluation."""
   totals = None
   state = recurrent.initial_carry(model, batch_size) if carry else None
   batches = pipeline.eval_batches(stream, seq_len, batch_size, max_batches,
-                                  jax.process_index(), jax.process_count(), layout)
+                                  jax.process_index(), jax.process_count(), layout,
+                                  masking, seed)
   with sharding.rules_and_mesh(mesh):
     for local in batches:
       sums, new_state = eval_fn(params, sharding.make_global_batch(local, mesh), state)
@@ -49,10 +53,11 @@ def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_
 def restore_for_inference(workdir: str, step: str = 'latest', log=print):
   """Everything evaluation and sampling need from a checkpoint directory alone:
   (config, tokenizer, model, params, step, mesh). Only the parameters are read,
-  onto a data-parallel mesh over the devices present, whatever mesh wrote them."""
+  onto a data-parallel mesh over the devices present, whatever mesh wrote them.
+  A LoRA run's adapters are merged into its base, read from its init_from."""
   import ml_collections
 
-  from lmjax import checkpoint, config as config_lib, models, train_state
+  from lmjax import checkpoint, config as config_lib, tasks
   from lmjax.data import tokenizers
   checkpoints, candidates = checkpoint.candidate_steps(workdir, step)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
@@ -61,9 +66,8 @@ def restore_for_inference(workdir: str, step: str = 'latest', log=print):
       checkpoint.check_intact(checkpoints, chosen)
       config = config_lib.from_json(checkpoint.read_json(checkpoints, chosen, 'config'))
       tokenizer = tokenizers.from_json(checkpoint.read_json(checkpoints, chosen, 'tokenizer'))
-      model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
-      abstract = train_state.abstract_params(model, config.data.seq_len, mesh)
-      params = checkpoint.restore_params(checkpoints, chosen, abstract)
+      model = tasks.build_model(config, tokenizer)
+      params = _restore_model_params(config, model, checkpoints, chosen, mesh, log)
     except checkpoint.CheckpointError as error:
       if i + 1 == len(candidates):
         raise
@@ -76,26 +80,42 @@ def restore_for_inference(workdir: str, step: str = 'latest', log=print):
   raise AssertionError('unreachable')
 
 
+def _restore_model_params(config, model, checkpoints, step: int, mesh, log):
+  from lmjax import checkpoint, finetune, train_state
+  abstract = train_state.abstract_params(model, config.data.seq_len, mesh)
+  plan = finetune.plan_for(config, model)
+  if plan is None or plan.mode != 'lora':
+    return checkpoint.restore_params(checkpoints, step, abstract)
+  trainable = checkpoint.restore_params(
+      checkpoints, step, train_state.abstract_params(model, config.data.seq_len, mesh, plan))
+  pretrained = finetune.open_pretrained(config.init_from, log)
+  base = finetune.restore_backbone(pretrained, finetune.subtree(abstract, plan.prefix))
+  return jax.jit(plan.assemble)(trainable, finetune.nest(plan.prefix, base))
+
+
 def evaluate_checkpoint(workdir: str, step: str = 'latest', split: str | None = None,
                         data_overrides: dict | None = None, max_batches: int = -1,
                         batch_size: int = 0, log=print) -> dict:
-  """Loss, perplexity, bits/byte, accuracy, tokens and bytes of `split` (default: the
-  run's evaluation split) under the checkpoint's own tokenizer and cleaning."""
-  from lmjax import train_state
+  """Metrics of `split` (default: the run's evaluation split) under the
+  checkpoint's own tokenizer and cleaning: loss, perplexity, bits/byte,
+  accuracy, tokens and bytes of a language model (mlm: of the masked
+  positions); accuracy, precision, recall, F1 and ROC AUC of a classifier,
+  exact over the whole split."""
+  from lmjax import tasks, train_state
   config, tokenizer, model, params, chosen, mesh = restore_for_inference(workdir, step, log)
   data = config.data
   for key, value in (data_overrides or {}).items():
     data[key] = value
   split = split or data.eval_split
-  batch_size = batch_size or config.train.eval_batch_size
-  sharding.batch_size_check(batch_size, mesh, '--batch_size')
-  stream = pipeline.tokenize_split(data, tokenizer, split)
+  config.train.eval_batch_size = batch_size or config.train.eval_batch_size
+  sharding.batch_size_check(config.train.eval_batch_size, mesh, '--batch_size')
+  task_data = tasks.load_evaluation(config, tokenizer, split)
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
-  eval_fn = make_eval_fn(model, tokenizer, param_shardings, mesh)
   carry = train_state.carry_rows(config, model) > 0
-  result = evaluate(eval_fn, params, stream, data.seq_len, batch_size, mesh, max_batches,
-                    data.layout, model, carry)
-  result.update({'step': chosen, 'split': split, 'corpus': data.name,
+  evaluator = tasks.make_evaluator(config, task_data, model, tokenizer, param_shardings, mesh,
+                                   carry)
+  result = evaluator(params, max_batches)
+  result.update({'step': chosen, 'split': split, 'corpus': data.name, 'task': config.task,
                  'tokenizer': tokenizer.fingerprint(), 'model': config.model.family})
   return result
 

@@ -64,8 +64,10 @@ def flops_per_token(model, num_params: int) -> float:
   """Training FLOPs per token: 6 x matmul parameters + causal attention (PaLM's count).
 
   The learned position table is a lookup, not a matmul, so it is left out; so
-  is a recurrent model's untied input embedding.
+  is a recurrent model's untied input embedding. A classifier counts as its
+  backbone.
   """
+  model = getattr(model, 'backbone', model)
   if getattr(model, 'recurrent', False):
     lookup = 0 if model.tie_embeddings else model.vocab_size * model.embed_dim
     return 6.0 * (num_params - lookup)

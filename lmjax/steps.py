@@ -6,6 +6,8 @@ functools.partial and the result is jitted once with explicit shardings.
 Steps return sums and their denominators, never means, so metrics from many
 steps, devices or hosts add up exactly.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,9 +41,13 @@ def apply_model(model, params, batch, carry=None, **kwargs):
   return logits, None
 
 
-def _sums(model, params, batch, rng, deterministic: bool, carry):
+def _sums(model, params, batch, rng, deterministic: bool, carry, frozen=None, plan=None):
   """(loss_sum, (metric sums, carry)): the summed loss is what gets differentiated,
-  so gradients from microbatches, devices and hosts add up exactly."""
+  so gradients from microbatches, devices and hosts add up exactly. With a
+  fine-tuning `plan`, `params` are the trainable ones and the model runs on
+  `plan.assemble(params, frozen)`."""
+  if plan is not None:
+    params = plan.assemble(params, frozen)
   logits, carry = apply_model(model, params, batch, carry, deterministic=deterministic,
                               rngs=None if deterministic else {'dropout': rng})
   losses, correct = token_losses(logits, batch['targets'])
@@ -83,9 +89,10 @@ def _merge(x, axis: int = 0):
   return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
-def _summed_gradients(params, model, batch, rng, deterministic, carry, microbatches):
+def _summed_gradients(params, model, batch, rng, deterministic, carry, microbatches,
+                      frozen=None, plan=None):
   """Gradients of the summed loss, accumulated over `microbatches` inside the step."""
-  grad_fn = jax.grad(_sums, argnums=1, has_aux=True)
+  grad_fn = functools.partial(jax.grad(_sums, argnums=1, has_aux=True), frozen=frozen, plan=plan)
   if microbatches == 1:
     return grad_fn(model, params, batch, rng, deterministic, carry)
   rows = batch['inputs'].shape[0]
@@ -109,7 +116,8 @@ def _summed_gradients(params, model, batch, rng, deterministic, carry, microbatc
 
 
 def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
-               normalization: str = 'tokens', microbatches: int = 1, axis_name=None):
+               normalization: str = 'tokens', microbatches: int = 1, axis_name=None,
+               plan=None):
   """One optimizer step; returns the new state and metric sums.
 
   Gradients of the summed loss are accumulated over `microbatches` (a lax.scan
@@ -120,7 +128,7 @@ def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
   """
   rng = jax.random.fold_in(rng, state.step)  # A resumed run draws the same randomness.
   grads, (sums, carry) = _summed_gradients(state.params, model, batch, rng, deterministic,
-                                           state.carry, microbatches)
+                                           state.carry, microbatches, state.frozen, plan)
   num_rows = batch['inputs'].shape[0]
   if axis_name is not None:  # pmap: every device's share of the global batch
     grads, sums = jax.lax.psum((grads, sums), axis_name)

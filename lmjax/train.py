@@ -22,12 +22,13 @@ from lmjax import checkpoint
 from lmjax import config as config_lib
 from lmjax import distributed
 from lmjax import fs
-from lmjax import evaluate
+from lmjax import finetune
 from lmjax import metrics as metrics_lib
 from lmjax import models
 from lmjax import sample
 from lmjax import sharding
 from lmjax import steps
+from lmjax import tasks
 from lmjax import train_state
 from lmjax.data import pipeline
 from lmjax.data import tokenizers
@@ -96,11 +97,16 @@ class _Progress:
 
 
 def _load_data(config, workdir):
+  """(tokenizer, task data, pre-training run or None). Fine-tuning takes the
+  pre-trained tokenizer; otherwise the workdir's, or a new one."""
+  pretrained = None
+  if config.init_from:
+    pretrained = finetune.open_pretrained(config.init_from, _log)
+    finetune.check_tokenizer_config(pretrained, config.tokenizer)
   train_texts = lambda: pipeline.texts(config.data, config.data.train_split)
-  tokenizer = tokenizers.for_run(config.tokenizer, workdir, train_texts)
-  train_stream = pipeline.tokenize_split(config.data, tokenizer, config.data.train_split)
-  eval_stream = pipeline.tokenize_split(config.data, tokenizer, config.data.eval_split)
-  return tokenizer, train_stream, eval_stream
+  tokenizer = tokenizers.for_run(config.tokenizer, workdir, train_texts,
+                                 pretrained.tokenizer if pretrained else None)
+  return tokenizer, tasks.load(config, tokenizer), pretrained
 
 
 @dataclasses.dataclass
@@ -110,17 +116,24 @@ class _Run:
   workdir: str
   mesh: Any
   tokenizer: Any
-  train_stream: pipeline.TokenStream
-  eval_stream: pipeline.TokenStream
-  baseline: float  # unigram entropy of the training stream, nats/token
+  data: tasks.TaskData
   model: Any
   state: Any
   checkpoints: Any
   train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
-  evaluate: Any  # (params, stream, max_batches) -> metrics
+  evaluate: Any  # (params, max_batches) -> metrics
   num_params: int
   state_shardings: Any
+  plan: Any = None  # finetune.Plan when fine-tuning
   best_loss: float = float('inf')  # of the checkpoint kept in checkpoints_best/
+
+  def model_params(self):
+    """The parameters the model runs with (LoRA: adapters merged into the frozen
+    pre-trained weights)."""
+    state = self.global_state()
+    if self.plan is None or state.frozen is None:
+      return state.params
+    return jax.jit(self.plan.assemble)(state.params, state.frozen)
 
   def global_state(self):
     """The state as global arrays on the mesh (a pmap run keeps a replicated copy
@@ -141,24 +154,38 @@ class _Run:
 
   def save(self, step: int, checkpoints=None, metrics: dict | None = None) -> None:
     """Saves `step` (state, config, tokenizer) to `checkpoints` (the run's manager)."""
-    checkpoint.save(checkpoints or self.checkpoints, step, self.global_state(),
+    checkpoint.save(checkpoints or self.checkpoints, step,
+                    self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
                     json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json(),
                     metrics=metrics)
 
 
-def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer):
+def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, pretrained=None,
+                             plan=None):
+  """The latest checkpoint's state, or a new one (fine-tuning: built around the
+  pre-trained parameters). A LoRA run reads its frozen base from init_from again."""
   seq_len = config.data.seq_len
   carry_rows = train_state.carry_rows(config, model)
-  abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
+  abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows,
+                                                         plan)
+  backbone = None
+  if pretrained is not None:
+    backbone = finetune.restore_backbone(pretrained, finetune.subtree(
+        train_state.abstract_params(model, seq_len, mesh), plan.prefix))
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   latest = checkpoints.latest_step()
   if latest is not None:
     checkpoint.check_tokenizer(checkpoints, latest, tokenizer)
-    state = checkpoint.restore_state(checkpoints, latest, abstract)
+    state = checkpoint.restore_state(checkpoints, latest, abstract.replace(frozen=None))
+    if abstract.frozen is not None:  # LoRA: every pre-trained parameter is frozen
+      state = state.replace(frozen=finetune.nest(plan.prefix, backbone))
     _log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
   else:
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = train_state.create_state(model, tx, seq_len, state_shardings, init_rng, carry_rows)
+    state = train_state.create_state(model, tx, seq_len, state_shardings, init_rng, carry_rows,
+                                     plan, backbone)
+    if pretrained is not None:
+      _log(f'fine-tuning ({plan.mode}) from {pretrained.describe()}')
   return state, state_shardings, checkpoints
 
 
@@ -184,29 +211,31 @@ def _setup(config, workdir: str) -> _Run:
   sharding.batch_size_check(config.train.batch_size, mesh)
   sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
 
-  tokenizer, train_stream, eval_stream = _load_data(config, workdir)
-  baseline = pipeline.unigram_entropy(train_stream.tokens, tokenizer.vocab_size)
-  _log(f'corpus {config.data.name}: train {len(train_stream.tokens):,} tokens in '
-       f'{train_stream.num_documents:,} documents, eval {len(eval_stream.tokens):,} tokens; '
-       f'{tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}; '
-       f'unigram entropy {baseline:.3f} nats/token')
+  tasks.check(config)
+  tokenizer, data, pretrained = _load_data(config, workdir)
+  _log(f'corpus {config.data.name}: {data.description}; {tokenizer.kind} tokenizer, '
+       f'vocabulary {tokenizer.vocab_size}; {data.baseline_name} {data.baseline:.3f}')
 
-  per_epoch = pipeline.require_steps_per_epoch(train_stream, config.data.seq_len,
-                                               config.train.batch_size, config.data.layout)
+  per_epoch = data.steps_per_epoch(config)
   if config.train.num_epochs > 0:
     config.train.num_steps = config.train.num_epochs * per_epoch
-    if jax.process_index() == 0:
-      config_lib.save(config, workdir)
     _log(f'{config.train.num_epochs} epochs of {per_epoch} steps: {config.train.num_steps} steps')
-  model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
+  if jax.process_index() == 0:  # with what the data decided (epochs, classes)
+    config_lib.save(config, workdir)
+  model = tasks.build_model(config, tokenizer)
+  plan = finetune.plan_for(config, model)
   tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps, per_epoch)
-  state, state_shardings, checkpoints = _restore_or_create_state(config, workdir, model, tx,
-                                                                 mesh, tokenizer)
-  num_params = models.count_params(state.params)
-  _log(f'model {config.model.family}: {num_params:,} parameters; mesh {dict(mesh.shape)} '
-       f'on {jax.device_count()} {jax.devices()[0].platform} device(s)')
+  if plan is not None:
+    tx = plan.wrap_optimizer(tx)
+  state, state_shardings, checkpoints = _restore_or_create_state(
+      config, workdir, model, tx, mesh, tokenizer, pretrained, plan)
+  model_params = train_state.abstract_params(model, config.data.seq_len, mesh)
+  num_params = models.count_params(model_params)
+  _log(f'model {config.model.family} ({config.task}): {num_params:,} parameters, '
+       f'{_trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
+       f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
 
-  step_fn = _step_fn(config, model, schedule)
+  step_fn = _step_fn(config, model, schedule, plan)
   if config.parallelism == 'pmap':
     if train_state.carry_rows(config, model):
       raise ValueError("parallelism='pmap' does not carry recurrent state: use the mesh "
@@ -214,29 +243,32 @@ def _setup(config, workdir: str) -> _Run:
     state, train_step = _pmap_step(step_fn, state)
   else:
     train_step = _jit_step(step_fn, state_shardings, mesh)
-  eval_fn = evaluate.make_eval_fn(model, tokenizer, state_shardings.params, mesh)
-
+  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, model_params)
   carry_eval = train_state.carry_rows(config, model) > 0  # evaluate as it was trained
-
-  def run_evaluation(params, stream, max_batches):
-    return evaluate.evaluate(eval_fn, params, stream, config.data.seq_len,
-                             config.train.eval_batch_size, mesh, max_batches,
-                             config.data.layout, model, carry_eval)
-
-  return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
-              train_stream=train_stream, eval_stream=eval_stream, baseline=baseline,
+  evaluator = tasks.make_evaluator(config, data, model, tokenizer, param_shardings, mesh,
+                                   carry_eval)
+  return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, data=data,
               model=model, state=state, checkpoints=checkpoints, train_step=train_step,
-              evaluate=run_evaluation, num_params=num_params, state_shardings=state_shardings,
-              best_loss=checkpoint.best_loss(workdir))
+              evaluate=evaluator, num_params=num_params, state_shardings=state_shardings,
+              plan=plan, best_loss=checkpoint.best_loss(workdir))
 
 
-def _step_fn(config, model, schedule):
+def _trainable_count(state, plan) -> int:
+  """Parameters the optimizer changes (LoRA: adapters and new ones; frozen: new ones)."""
+  if plan is None or plan.mode == 'full':
+    return models.count_params(state.params)
+  return sum(int(leaf.size) for name, leaf in finetune.flatten(state.params).items()
+             if not plan.is_pretrained(name))
+
+
+def _step_fn(config, model, schedule, plan=None):
   if config.parallelism not in ('mesh', 'pmap'):
     raise ValueError(f"parallelism must be 'mesh' or 'pmap'; got {config.parallelism!r}")
   return functools.partial(steps.train_step, model=model, schedule=schedule,
                            deterministic=config.model.dropout == 0.0,
                            normalization=config.train.loss_normalization,
-                           microbatches=config.train.microbatches)
+                           microbatches=config.train.microbatches,
+                           plan=plan if plan is not None and plan.mode == 'lora' else None)
 
 
 def _jit_step(step_fn, state_shardings, mesh):
@@ -387,9 +419,7 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
   tokens_per_step = batch_size * seq_len
   progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(run.model, run.num_params) *
                        tokens_per_step, metrics_lib.measure_peak_flops())
-  batches = pipeline.train_batches(run.train_stream, seq_len, batch_size, config.seed,
-                                   start_step, jax.process_index(), jax.process_count(),
-                                   config.data.layout)
+  batches = run.data.train_batches(config, start_step)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   eval_records = {}  # step -> eval metrics, written with that step's train record
   run_start = time.perf_counter()
@@ -419,12 +449,10 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
     if config.train.eval_every and done % config.train.eval_every == 0 and not is_last:
       jax.block_until_ready(run.state)  # The step in flight is training time.
       eval_start = time.perf_counter()
-      result = run.evaluate(run.global_state().params, run.eval_stream,
-                            config.train.eval_batches)
+      result = run.evaluate(run.model_params(), config.train.eval_batches)
       eval_records[done] = {f'eval/{k}': v for k, v in result.items()}
       run.keep_if_best(done, result)
-      _log(f'step {done}: eval loss {result["loss"]:.4f} | perplexity {result["perplexity"]:.2f}'
-           f' | bits/byte {result["bits_per_byte"]:.3f} | accuracy {result["accuracy"]:.3f}')
+      _log(f'step {done}: eval {tasks.describe(result)}')
       if done % log_every:
         write(done, {})
       progress.exclude(time.perf_counter() - eval_start)  # Evaluation is not training time.
@@ -465,16 +493,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
          f'at step {final_step}')
   else:
     _log(f'already trained to step {final_step}; evaluating the latest checkpoint')
-  result = run.evaluate(run.state.params, run.eval_stream, config.train.final_eval_batches)
-  result['unigram_entropy'] = run.baseline
+  params = run.model_params()
+  result = run.evaluate(params, config.train.final_eval_batches)
+  result[run.data.baseline_key] = run.data.baseline
   writer.write(final_step, {f'final_eval/{k}': v for k, v in result.items()})
   writer.close()
-  _log(f'final eval ({config.data.eval_split}): loss {result["loss"]:.4f} | perplexity '
-       f'{result["perplexity"]:.2f} | bits/byte {result["bits_per_byte"]:.3f} | accuracy '
-       f'{result["accuracy"]:.3f} | {int(result["tokens"]):,} tokens '
-       f'(unigram baseline {run.baseline:.3f})')
-  if config.sample.max_new_tokens > 0:
-    text = sample.sample_text(run.state.params, run.model, run.tokenizer, config.sample,
+  _log(f'final eval ({config.data.eval_split}): {tasks.describe(result)} '
+       f'({run.data.baseline_name} {run.data.baseline:.3f})')
+  if config.sample.max_new_tokens > 0 and config.task == 'lm':
+    text = sample.sample_text(params, run.model, run.tokenizer, config.sample,
                               clean_config=config.data.clean)[0]
     _log(f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
          f'---\n{text}\n---')

@@ -8,6 +8,7 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from lmjax import finetune
 from lmjax import sharding
 from lmjax.models import recurrent
 
@@ -16,14 +17,16 @@ SCHEDULES = ('constant', 'linear', 'cosine', 'rsqrt', 'epochs')
 
 
 class TrainState(struct.PyTreeNode):
-  """What a checkpoint holds: step, parameters, optimizer state and, for a
-  recurrent model trained on carried rows, the hidden state carried into the
-  next step (None otherwise)."""
+  """What a checkpoint holds: step, (trainable) parameters, optimizer state and,
+  for a recurrent model trained on carried rows, the hidden state carried into
+  the next step (None otherwise). `frozen` holds LoRA's pre-trained weights
+  (lmjax.finetune): on the devices, never in a checkpoint."""
   step: jax.Array
   params: Any
   opt_state: Any
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   carry: Any = None
+  frozen: Any = None
 
   def apply_gradients(self, grads) -> 'TrainState':
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -100,12 +103,18 @@ def carry_rows(config, model) -> int:
   return 0
 
 
-def _init_fn(model, tx, sample_tokens, carry_rows: int) -> Callable:
-  def init(rng):
+def _init_fn(model, tx, sample_tokens, carry_rows: int, plan=None) -> Callable:
+  """rng (, pre-trained parameters) -> the initial TrainState. Fine-tuning puts
+  the pre-trained tree at the plan's prefix, then splits off what is frozen."""
+  def init(rng, pretrained=None):
     params = nn.unbox(model.init({'params': rng}, sample_tokens)['params'])
+    frozen = None
+    if plan is not None:
+      params = finetune.with_subtree(params, plan.prefix, pretrained)
+      params, frozen = plan.split_values(params, jax.random.fold_in(rng, 1))
     carry = recurrent.initial_carry(model, carry_rows) if carry_rows else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), tx=tx, carry=carry)
+                      opt_state=tx.init(params), tx=tx, carry=carry, frozen=frozen)
   return init
 
 
@@ -131,44 +140,55 @@ def _is_spec(x) -> bool:
   return isinstance(x, PartitionSpec)
 
 
-def _params_and_specs(model, seq_len: int):
+def params_and_specs(model, seq_len: int):
   sample = jnp.zeros((1, seq_len), jnp.int32)
   boxed_params = jax.eval_shape(lambda rng: model.init({'params': rng}, sample)['params'],
                                 jax.random.key(0))
   return nn.unbox(boxed_params), nn.get_partition_spec(boxed_params)
 
 
-def abstract_params(model, seq_len: int, mesh):
+def abstract_params(model, seq_len: int, mesh, plan=None):
   """The parameters alone, abstract, with their shardings on `mesh` (for evaluation
-  and sampling, which never read the optimizer state)."""
-  params, specs = _params_and_specs(model, seq_len)
-  shardings = sharding.logical_to_sharding(specs, mesh)
+  and sampling, which never read the optimizer state); with a LoRA `plan`, the
+  trainable ones a checkpoint holds."""
+  params, specs = params_and_specs(model, seq_len)
+  if plan is not None:
+    params, specs, _, _ = plan.split_abstract(params, specs)
+  return _placed(params, sharding.logical_to_sharding(specs, mesh))
+
+
+def _placed(abstract, shardings):
   return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      params, shardings)
+                      abstract, shardings)
 
 
-def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0):
+def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0, plan=None):
   """(abstract state, its NamedShardings), without allocating anything.
-  `carry_rows` > 0 gives the state a recurrent model's carry for that many rows."""
-  params, param_specs = _params_and_specs(model, seq_len)
+  `carry_rows` > 0 gives the state a recurrent model's carry for that many rows;
+  a LoRA `plan` (lmjax.finetune) splits the parameters into trainable and frozen."""
+  params, param_specs = params_and_specs(model, seq_len)
+  frozen = frozen_specs = None
+  if plan is not None:
+    params, param_specs, frozen, frozen_specs = plan.split_abstract(params, param_specs)
   carry = carry_spec = None
   if carry_rows:
     carry = jax.ShapeDtypeStruct(recurrent.carry_shape(model, carry_rows), jnp.float32)
     carry_spec = PartitionSpec(*recurrent.CARRY_AXES)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(tx.init, params), tx=tx, carry=carry)
+                        opt_state=jax.eval_shape(tx.init, params), tx=tx, carry=carry,
+                        frozen=frozen)
   specs = abstract.replace(step=PartitionSpec(), params=param_specs,
                            opt_state=_specs_like_params(abstract.opt_state, params, param_specs),
-                           carry=carry_spec)
+                           carry=carry_spec, frozen=frozen_specs)
   shardings = sharding.logical_to_sharding(specs, mesh)
-  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                          abstract, shardings)
-  return abstract, shardings
+  return _placed(abstract, shardings), shardings
 
 
-def create_state(model, tx, seq_len: int, shardings, rng, carry_rows: int = 0):
-  """The initial state, created directly in `shardings` (from `abstract_state`)."""
-  init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32), carry_rows)
+def create_state(model, tx, seq_len: int, shardings, rng, carry_rows: int = 0, plan=None,
+                 pretrained=None):
+  """The initial state, created directly in `shardings` (from `abstract_state`);
+  fine-tuning passes its `plan` and the `pretrained` parameters."""
+  init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32), carry_rows, plan)
   # No mesh context here: out_shardings places every leaf, and flax's DenseGeneral
   # would apply its kernel's constraint to the flattened kernel under one.
-  return jax.jit(init, out_shardings=shardings)(rng)
+  return jax.jit(init, out_shardings=shardings)(rng, pretrained)

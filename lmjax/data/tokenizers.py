@@ -333,8 +333,11 @@ def build(tokenizer_config, train_texts) -> Tokenizer:
 TOKENIZER_FILE = 'tokenizer.json'
 
 
-def for_run(tokenizer_config, workdir: str, train_texts) -> Tokenizer:
-  """The run's tokenizer: the workdir's saved one, or a new one saved there."""
+def for_run(tokenizer_config, workdir: str, train_texts, given: Tokenizer | None = None
+            ) -> Tokenizer:
+  """The run's tokenizer: the workdir's saved one, or a new one saved there
+  (`given`, a fine-tuned run's pre-trained tokenizer, or one built from
+  `train_texts`)."""
   path = os.path.join(workdir, TOKENIZER_FILE)
   if fs.exists(path):
     with fs.open(path) as f:
@@ -342,8 +345,11 @@ def for_run(tokenizer_config, workdir: str, train_texts) -> Tokenizer:
     if tokenizer.kind != tokenizer_config.kind:
       raise TokenizerError(f'{path} holds a {tokenizer.kind!r} tokenizer but the config asks '
                            f'for {tokenizer_config.kind!r}; use another workdir')
+    if given is not None and given.fingerprint() != tokenizer.fingerprint():
+      raise TokenizerError(f'{path} holds tokenizer {tokenizer.fingerprint()}, but init_from '
+                           f'was trained with {given.fingerprint()}; use another workdir')
     return tokenizer
-  tokenizer = build(tokenizer_config, train_texts)
+  tokenizer = given or build(tokenizer_config, train_texts)
   # Every process of a multi-host run builds the same tokenizer and may write it:
   # each through its own temporary file, then an atomic rename over the same name.
   temporary = f'{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}'
