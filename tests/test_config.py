@@ -10,9 +10,15 @@ from conftest import REPO
 from lmjax import config as config_lib
 
 
-@pytest.mark.parametrize('name', ['default', 'shakespeare_char'])
+CONFIG_FILES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if not p.stem.startswith('_'))
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES + ['classify.py:imdb', 'classify.py:ag_news',
+                                                 'classify.py:sst2'])
 def test_config_files_load_and_have_only_known_keys(name):
-  config = config_lib.load_config_file(str(REPO / 'configs' / f'{name}.py'))
+  path, _, arg = name.partition(':')
+  path = path if path.endswith('.py') else f'{path}.py'
+  config = config_lib.load_config_file(str(REPO / 'configs' / path) + (f':{arg}' if arg else ''))
   base = config_lib.base_config()
   assert set(config.keys()) == set(base.keys())
   for section in base.keys():
