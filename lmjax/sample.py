@@ -197,6 +197,10 @@ def _main(argv):
         flag_values.workdir, flag_values.step, log=lambda m: print(m, file=sys.stderr))
   except checkpoint.CheckpointError as error:
     sys.exit(f'error: {error}')
+  if config.task != 'lm':
+    sys.exit(f"error: {flag_values.workdir} trained task={config.task!r} "
+             f"(model.family={config.model.family!r}); only a causal language model "
+             "(task='lm') generates text")
   sample_config = config.sample
   for name in ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'):
     if flag_values[name].present:

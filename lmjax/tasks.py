@@ -125,11 +125,27 @@ def load_evaluation(config, tokenizer, split: str) -> TaskData:
                   masking_for(config, tokenizer), config.classify.num_classes)
 
 
-def build_model(config, tokenizer):
+def build_model(config, tokenizer_or_vocab_size):
   """The run's model: a language model, or a classifier over one."""
+  vocab_size = getattr(tokenizer_or_vocab_size, 'vocab_size', tokenizer_or_vocab_size)
   num_classes = config.classify.num_classes if config.task == 'classify' else 0
-  return models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len,
-                            num_classes, config.classify.pooling)
+  return models.build_model(config.model, vocab_size, config.data.seq_len, num_classes,
+                            config.classify.pooling)
+
+
+def batch_shapes(config, batch_size: int) -> dict:
+  """{name: (shape, dtype)} of a training batch (for compiling without data)."""
+  rows = (batch_size, config.data.seq_len)
+  shapes = {'inputs': (rows, np.int32), 'targets': (rows, np.int32),
+            'weights': (rows, np.float32)}
+  if config.task == 'classify':
+    shapes.update(targets=((batch_size,), np.int32), weights=((batch_size,), np.float32),
+                  segment_ids=(rows, np.int32), positions=(rows, np.int32))
+  elif config.data.layout == 'packed':
+    shapes.update(segment_ids=(rows, np.int32), positions=(rows, np.int32))
+  elif config.data.layout == 'stream':
+    shapes['reset'] = ((batch_size,), np.float32)
+  return shapes
 
 
 # ----------------------------------------------------------------------------

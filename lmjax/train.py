@@ -287,16 +287,17 @@ def compile_only(config) -> dict:
   sharding.batch_size_check(config.train.batch_size, mesh)
   vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
-  model = models.build_model(config.model, vocab, seq_len)
+  tasks.check(config)
+  if config.task == 'classify' and not config.classify.num_classes:
+    raise ValueError('--compile_only of a classifier needs --config.classify.num_classes')
+  model = tasks.build_model(config, vocab)
   tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
                                             steps_per_epoch=1)  # shapes only
   carry_rows = train_state.carry_rows(config, model)
   abstract, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = {'inputs': jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=batch_sharding),
-           'targets': jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=batch_sharding),
-           'weights': jax.ShapeDtypeStruct((batch_size, seq_len), np.float32,
-                                           sharding=batch_sharding)}
+  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+           for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items()}
   start = time.perf_counter()
   with sharding.rules_and_mesh(mesh):
     compiled = _jit_step(_step_fn(config, model, schedule), shardings, mesh).lower(
