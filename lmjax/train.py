@@ -133,7 +133,7 @@ class _Run:
     state = self.global_state()
     if self.plan is None or state.frozen is None:
       return state.params
-    return jax.jit(self.plan.assemble)(state.params, state.frozen)
+    return _jit_assemble(self.plan)(state.params, state.frozen)
 
   def global_state(self):
     """The state as global arrays on the mesh (a pmap run keeps a replicated copy
@@ -158,6 +158,11 @@ class _Run:
                     self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
                     json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json(),
                     metrics=metrics)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_assemble(plan):
+  return jax.jit(plan.assemble)
 
 
 def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, pretrained=None,

@@ -219,7 +219,7 @@ def test_lora_checkpoints_are_a_small_fraction_of_full_ones(corpus_dir, tmp_path
 
 def test_causal_lm_fine_tuning_with_lora_lowers_the_loss_on_a_new_corpus(corpus_dir, tmp_path):
   """A decoder pre-trained on parts 0-1 is LoRA-tuned on part 2: the validation
-  loss falls from the pre-trained model's."""
+  loss falls from the pre-trained model's. Then it becomes a classifier."""
   pretrain_dir = str(tmp_path / 'pretrain')
   common = {'data.validation_files': str(corpus_dir / 'part3.txt'), 'train.eval_every': 0,
             'sample.max_new_tokens': 0, 'train.final_eval_batches': 4}
@@ -230,6 +230,15 @@ def test_causal_lm_fine_tuning_with_lora_lowers_the_loss_on_a_new_corpus(corpus_
       'init_from': pretrain_dir, 'finetune.mode': 'lora', 'finetune.lora_rank': 4,
       'optimizer.learning_rate': 0.01}), str(tmp_path / 'lora'))
   assert after['loss'] < before['loss'] - 0.02
+  # The same decoder as a classifier (its last token's state), fine-tuned whole.
+  records = noisy_records()
+  for name, chunk in (('train.jsonl', records[:512]), ('valid.jsonl', records[512:])):
+    (tmp_path / name).write_text('\n'.join(json.dumps(r) for r in chunk) + '\n')
+  classifier = train.train_and_evaluate(classify_config(
+      corpus_dir, (tmp_path / 'train.jsonl', tmp_path / 'valid.jsonl'), **{
+          'model.family': 'transformer', 'data.seq_len': 32, 'init_from': pretrain_dir}),
+      str(tmp_path / 'classifier'))
+  assert classifier['accuracy'] > 0.75, classifier
 
 
 def noisy_records(count: int = 768) -> list[dict]:
@@ -312,6 +321,9 @@ def test_fine_tuning_errors_say_what_differs(runs, corpus_dir, tmp_path):
       'finetune.lora_targets': 'no_such_parameter'})
   with pytest.raises(ValueError, match='matches no pre-trained matrix'):
     train.train_and_evaluate(config, str(tmp_path / 'targets'))
+  config = mlm_config(corpus_dir, **{'init_from': runs['pretrain_dir'], 'finetune.mode': 'frozen'})
+  with pytest.raises(ValueError, match="trains only new parameters"):
+    train.train_and_evaluate(config, str(tmp_path / 'frozen_lm'))
 
 
 @pytest.mark.parametrize('overrides, message', [
