@@ -272,3 +272,35 @@ def test_documents_can_be_paragraphs_or_lines(tmp_path):
   config.data.documents = 'sentences'
   with pytest.raises(corpora.CorpusError, match="data.documents must be one of"):
     list(pipeline.texts(config.data, 'validation'))
+
+
+@pytest.mark.parametrize('layout', ['windows', 'packed'])
+def test_masking_is_bert_style_deterministic_resumable_and_per_process(layout):
+  stream = documents_stream(np.random.default_rng(5).integers(2, 40, 300))
+  masking = pipeline.Masking(mask_id=97, vocab_size=97)
+  batches = lambda **kwargs: pipeline.train_batches(stream, 32, 16, seed=2, layout=layout,
+                                                    masking=masking, **kwargs)
+  uninterrupted = take(batches(), 40)
+  chosen = np.concatenate([b['weights'].ravel() > 0 for b in uninterrupted])
+  inputs = np.concatenate([b['inputs'].ravel() for b in uninterrupted])
+  targets = np.concatenate([b['targets'].ravel() for b in uninterrupted])
+  present = np.concatenate([(b['segment_ids'] if 'segment_ids' in b else
+                             np.ones_like(b['inputs'])).ravel() > 0 for b in uninterrupted])
+  assert not chosen[~present].any()  # padding is never a prediction
+  assert abs(chosen[present].mean() - 0.15) < 0.01
+  assert (inputs[~chosen] == targets[~chosen]).all()  # unchosen tokens are untouched
+  masked = inputs[chosen] == 97
+  kept = inputs[chosen] == targets[chosen]
+  assert abs(masked.mean() - 0.8) < 0.03 and abs(kept.mean() - 0.1) < 0.03
+  assert (targets[chosen] < 97).all() and (inputs < 98).all()
+  for k in (1, 17):  # a resumed run draws the same masks
+    for a, b in zip(uninterrupted[k:], take(batches(start_step=k), 40 - k)):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  parts = [take(batches(start_step=3, process_index=p, process_count=2), 1)[0] for p in range(2)]
+  for key in uninterrupted[3]:
+    np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]),
+                                  uninterrupted[3][key])
+  first, again = (next(iter(pipeline.eval_batches(stream, 32, 16, layout=layout,
+                                                  masking=masking, seed=2))) for _ in range(2))
+  np.testing.assert_array_equal(first['inputs'], again['inputs'])  # every evaluation alike
