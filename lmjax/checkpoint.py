@@ -20,6 +20,14 @@ from lmjax.data import tokenizers
 ITEMS = ('state', 'config', 'tokenizer')
 
 
+def quiet_logs() -> None:
+  """Orbax logs every save and restore at INFO: command-line tools show warnings
+  and errors only, unless --verbosity asks for more."""
+  from absl import flags, logging
+  if 'verbosity' not in flags.FLAGS or not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, corrupt or does not fit the run."""
 

@@ -145,6 +145,7 @@ def _main(argv):
 
   from lmjax import checkpoint, config as config_lib, distributed
   from lmjax.data import corpora
+  checkpoint.quiet_logs()
   flag_values = flags.FLAGS
   try:
     distributed.initialize_from_flags()

@@ -41,6 +41,7 @@ def merge(workdir: str, output: str, step: str = 'latest', log=print) -> int:
 def _main(argv):
   from absl import flags
   del argv
+  checkpoint.quiet_logs()
   values = flags.FLAGS
   try:
     chosen = merge(values.workdir, values.output, values.step,

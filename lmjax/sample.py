@@ -191,6 +191,7 @@ def _main(argv):
 
   from lmjax import checkpoint, evaluate
   del argv
+  checkpoint.quiet_logs()
   flag_values = flags.FLAGS
   try:
     config, tokenizer, model, params, step, _ = evaluate.restore_for_inference(

@@ -516,10 +516,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _main(argv):
-  from absl import flags, logging
+  from absl import flags
   del argv
-  if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO.
-    logging.set_verbosity(logging.WARNING)
+  checkpoint.quiet_logs()
   flag_values = flags.FLAGS
   try:
     distributed.initialize_from_flags()
