@@ -521,6 +521,10 @@ def _main(argv):
   checkpoint.quiet_logs()
   flag_values = flags.FLAGS
   try:
+    multi_process = distributed.settings(flag_values.coordinator_address,
+                                         flag_values.num_processes,
+                                         flag_values.process_id) is not None
+    sharding.split_cpu_host(flag_values.config, multi_process)
     distributed.initialize_from_flags()
     if flag_values.compile_only:
       print(json.dumps(compile_only(flag_values.config), indent=2))

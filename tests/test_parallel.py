@@ -181,3 +181,41 @@ def test_pmap_run_trains_checkpoints_and_evaluates_like_the_mesh_run(corpus_dir,
   with pytest.raises(ValueError, match="parallelism='pmap' does not carry recurrent state"):
     train.train_and_evaluate(tiny_config(corpus_dir, parallelism='pmap', **{
         **overrides, 'model.family': 'lstm', 'data.layout': 'stream'}), str(tmp_path / 'r'))
+
+
+def test_cpu_host_is_split_into_one_device_per_core_for_transformers():
+  config = config_lib.base_config()
+  config.train.batch_size, config.train.eval_batch_size = 12, 64
+  assert sharding.cpu_device_count(config, cores=2) == 2
+  assert sharding.cpu_device_count(config, cores=8) == 4  # the largest count dividing 12 and 64
+  config.train.batch_size = 7
+  assert sharding.cpu_device_count(config, cores=2) == 1
+  config.train.batch_size = 12
+  config.model.family = 'lstm'  # large matmuls already use every core
+  assert sharding.cpu_device_count(config, cores=2) == 1
+  config.cpu_devices = 4
+  assert sharding.cpu_device_count(config, cores=2) == 4
+  config.cpu_devices, config.model.family = 0, 'transformer'
+  config.mesh.data, config.mesh.fsdp = 1, 3  # an explicit mesh says how many
+  assert sharding.cpu_device_count(config, cores=2) == 3
+  # Here the backend has started (8 devices, from conftest): nothing changes.
+  assert sharding.split_cpu_host(config) is None
+
+
+@pytest.mark.slow
+def test_train_splits_a_cpu_host_unless_told_how_many_devices():
+  import os
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/shakespeare_char.py',
+             '--compile_only']
+  counts = []
+  for extra, flags in (([], ''), (['--config.cpu_devices=3', '--config.train.batch_size=12',
+                                   '--config.train.eval_batch_size=12'], ''),
+                       ([], '--xla_force_host_platform_device_count=1')):
+    result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env={**env, 'XLA_FLAGS': flags})
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts.append(json.loads(result.stdout)['devices'])
+  auto = sharding.cpu_device_count(config_lib.load_config_file(
+      str(REPO / 'configs' / 'shakespeare_char.py')), len(os.sched_getaffinity(0)))
+  assert counts == [auto, 3, 1]
