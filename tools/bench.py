@@ -10,11 +10,20 @@ vocabulary size comes from the tokenizer kind (bytes: 257, sentencepiece: its
 configured size, chars: --vocab_size, default 67 = tiny-shakespeare's 65
 characters + <eos> + <unk>). MFU divides model FLOP/s (6 x parameters x tokens
 plus attention) by the peak of a large f32 matmul measured in this process.
+
+    python tools/bench.py --suite cpu
+
+runs every workload of the CPU performance table (each in its own process, so
+each splits the host as lmjax.train would) and prints one JSON line each, with
+its name and command.
 """
 import functools
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app, flags
@@ -25,6 +34,40 @@ flags.DEFINE_integer('steps', 50, 'Timed steps (after one warm-up step).')
 flags.DEFINE_integer('vocab_size', 0, 'Vocabulary size (0 = from the tokenizer kind).')
 flags.DEFINE_string('compilation_cache_dir', '', 'Persistent compilation cache to use (to time '
                     'a warm start: run twice with the same directory); default none.')
+flags.DEFINE_enum('suite', '', ['', 'cpu'], 'Run a whole suite of workloads instead.')
+
+SUITES = {'cpu': [  # (name, arguments)
+    ('shakespeare_char step', ['--config', 'configs/shakespeare_char.py', '--steps', '100']),
+    ('transformer 6L/6H/384, context 256, batch 16', [
+        '--config', 'configs/shakespeare_char.py', '--steps', '10',
+        '--config.model.num_layers=6', '--config.model.num_heads=6',
+        '--config.model.embed_dim=384', '--config.data.seq_len=256',
+        '--config.train.batch_size=16']),
+    ('PTB-small LSTM step', ['--config', 'configs/ptb_lstm_small.py', '--vocab_size', '10000',
+                             '--steps', '50']),
+    ('char LSTM 2x512 step', ['--config', 'configs/shakespeare_char_lstm.py', '--steps', '10']),
+    ('default config, cold compilation cache', ['--config', 'configs/default.py', '--steps', '5',
+                                                '--compilation_cache_dir', '{cache}']),
+    ('default config, warm compilation cache', ['--config', 'configs/default.py', '--steps', '5',
+                                                '--compilation_cache_dir', '{cache}']),
+]}
+
+
+def run_suite(name: str) -> None:
+  """Each workload in a fresh process (the cache runs share one new directory)."""
+  import tempfile
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as cache:
+    for title, arguments in SUITES[name]:
+      arguments = [a.replace('{cache}', cache) for a in arguments]
+      command = [sys.executable, os.path.abspath(__file__)] + arguments
+      result = subprocess.run(command, capture_output=True, text=True, cwd=repo)
+      if result.returncode:
+        print(json.dumps({'workload': title, 'error': result.stderr[-2000:]}), flush=True)
+        continue
+      measured = json.loads(result.stdout.strip().splitlines()[-1])
+      print(json.dumps({'workload': title, 'command': ' '.join(['python tools/bench.py'] +
+                                                               arguments), **measured}), flush=True)
 
 
 def vocab_size_for(config) -> int:
@@ -35,6 +78,9 @@ def vocab_size_for(config) -> int:
 
 def main(argv):
   del argv
+  if flags.FLAGS.suite:
+    run_suite(flags.FLAGS.suite)
+    return
   import jax
   import jax.numpy as jnp
   import numpy as np
