@@ -43,7 +43,7 @@ def test_unknown_key_names_the_valid_ones():
   assert "'num_layer' is not in model" in message and 'num_layers' in message
   assert 'embed_dim' in message
   with pytest.raises(config_lib.ConfigError,
-                     match='valid keys there: checkpoint, classify, compilation_cache_dir, data'):
+                     match='valid keys there: checkpoint, classify, compilation_cache_dir, cpu_devices, data'):
     config_lib.check_key_path(config, 'modle.num_layers')
   with pytest.raises(config_lib.ConfigError, match='is a value, not a section'):
     config_lib.check_key_path(config, 'seed.x')
