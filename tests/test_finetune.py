@@ -199,9 +199,9 @@ def _state_bytes(workdir: str, step: int) -> int:
 
 
 def test_lora_checkpoints_are_a_small_fraction_of_full_ones(corpus_dir, tmp_path):
-  """A wider model (1.6 M parameters): one step of full fine-tuning and one of
+  """A wider model (0.4 M parameters): one step of full fine-tuning and one of
   LoRA (rank 4 on the attention projections) from the same pre-training run."""
-  wide = {'model.embed_dim': 256, 'model.num_heads': 4, 'train.num_steps': 1,
+  wide = {'model.embed_dim': 128, 'model.num_heads': 4, 'train.num_steps': 1,
           'train.batch_size': 8, 'train.final_eval_batches': 1, 'checkpoint.every': 1,
           'sample.max_new_tokens': 0}
   pretrain_dir = str(tmp_path / 'pretrain')

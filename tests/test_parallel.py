@@ -209,13 +209,11 @@ def test_train_splits_a_cpu_host_unless_told_how_many_devices():
   command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/shakespeare_char.py',
              '--compile_only']
   counts = []
-  for extra, flags in (([], ''), (['--config.cpu_devices=3', '--config.train.batch_size=12',
-                                   '--config.train.eval_batch_size=12'], ''),
-                       ([], '--xla_force_host_platform_device_count=1')):
-    result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300,
+  for flags in ('', '--xla_force_host_platform_device_count=1'):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             cwd=REPO, env={**env, 'XLA_FLAGS': flags})
     assert result.returncode == 0, result.stderr[-2000:]
     counts.append(json.loads(result.stdout)['devices'])
   auto = sharding.cpu_device_count(config_lib.load_config_file(
       str(REPO / 'configs' / 'shakespeare_char.py')), len(os.sched_getaffinity(0)))
-  assert counts == [auto, 3, 1]
+  assert counts == [auto, 1]
