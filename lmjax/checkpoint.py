@@ -186,6 +186,34 @@ def check_intact(checkpoints, step: int) -> None:
       raise CheckpointError(f'checkpoint step {step} at {path} is damaged: {item!r} is missing')
 
 
+def read_run(checkpoints, step: int):
+  """(config, tokenizer) that `step` was trained with."""
+  from lmjax import config as config_lib
+  config = config_lib.from_json(read_json(checkpoints, step, 'config'))
+  return config, tokenizers.from_json(read_json(checkpoints, step, 'tokenizer'))
+
+
+def newest_intact(workdir: str, step: str, read, log=print, what: str = ''):
+  """(manager, step, read(manager, step)) for the first of `candidate_steps(workdir,
+  step)` that is intact and that `read` reads without CheckpointError; each step
+  skipped is a warning (prefixed with `what`), and the last one's error is raised."""
+  checkpoints, candidates = candidate_steps(workdir, step)
+  for i, chosen in enumerate(candidates):
+    try:
+      check_intact(checkpoints, chosen)
+      result = read(checkpoints, chosen)
+    except CheckpointError as error:
+      if i + 1 == len(candidates):
+        raise
+      log(f'warning: {what}{error}; falling back to the previous step')
+      continue
+    if i:
+      log(f'warning: {what}using step {chosen}, the newest intact checkpoint in '
+          f'{checkpoints.directory}')
+    return checkpoints, chosen, result
+  raise AssertionError('unreachable')
+
+
 def restore_params(checkpoints, step: int, abstract_params, allow_unused: bool = False):
   """Only the parameters of `step` (no optimizer state is read), straight into the
   shardings of `abstract_params`, whatever mesh or process count wrote them

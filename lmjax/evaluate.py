@@ -57,27 +57,18 @@ def restore_for_inference(workdir: str, step: str = 'latest', log=print):
   A LoRA run's adapters are merged into its base, read from its init_from."""
   import ml_collections
 
-  from lmjax import checkpoint, config as config_lib, tasks
-  from lmjax.data import tokenizers
-  checkpoints, candidates = checkpoint.candidate_steps(workdir, step)
+  from lmjax import checkpoint, tasks
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
-  for i, chosen in enumerate(candidates):
-    try:
-      checkpoint.check_intact(checkpoints, chosen)
-      config = config_lib.from_json(checkpoint.read_json(checkpoints, chosen, 'config'))
-      tokenizer = tokenizers.from_json(checkpoint.read_json(checkpoints, chosen, 'tokenizer'))
-      model = tasks.build_model(config, tokenizer)
-      params = _restore_model_params(config, model, checkpoints, chosen, mesh, log)
-    except checkpoint.CheckpointError as error:
-      if i + 1 == len(candidates):
-        raise
-      log(f'warning: {error}; falling back to the previous step')
-      continue
-    if i:
-      log(f'warning: using step {chosen}, the newest intact checkpoint in '
-          f'{checkpoint.directory(workdir)}')
-    return config, tokenizer, model, params, chosen, mesh
-  raise AssertionError('unreachable')
+
+  def read(checkpoints, chosen):
+    config, tokenizer = checkpoint.read_run(checkpoints, chosen)
+    model = tasks.build_model(config, tokenizer)
+    return config, tokenizer, model, _restore_model_params(config, model, checkpoints, chosen,
+                                                           mesh, log)
+
+  _, chosen, (config, tokenizer, model, params) = checkpoint.newest_intact(workdir, step, read,
+                                                                           log)
+  return config, tokenizer, model, params, chosen, mesh
 
 
 def _restore_model_params(config, model, checkpoints, step: int, mesh, log):

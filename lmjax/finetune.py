@@ -49,9 +49,14 @@ def _path_name(path) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in path)
 
 
-def flatten(tree) -> dict:
+def flatten(tree, is_leaf=None) -> dict:
   """{'a/b/c': leaf} of a nested dict of parameters."""
-  return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {_path_name(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def _flatten_specs(specs) -> dict:
+  return flatten(specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
 
 
 def _unflatten(flat: dict) -> dict:
@@ -143,6 +148,12 @@ class Plan:
   def is_pretrained(self, name: str) -> bool:
     return name in self.pretrained
 
+  def _new_and_pretrained(self, flat: dict) -> tuple[dict, dict]:
+    """A flat tree's new leaves and its pre-trained ones, as nested trees."""
+    new = {n: leaf for n, leaf in flat.items() if not self.is_pretrained(n)}
+    pretrained = {n: leaf for n, leaf in flat.items() if self.is_pretrained(n)}
+    return _unflatten(new), _unflatten(pretrained)
+
   # -- optimizer (mode 'frozen') ---------------------------------------------------
 
   def wrap_optimizer(self, tx):
@@ -170,12 +181,10 @@ class Plan:
       adapters[name + '/a'] = jax.ShapeDtypeStruct((rows, self.lora_rank), dtype)
       adapters[name + '/b'] = jax.ShapeDtypeStruct((self.lora_rank, columns), dtype)
       adapter_specs[name + '/a'] = adapter_specs[name + '/b'] = PartitionSpec()
-    new = [n for n in flat if not self.is_pretrained(n)]
-    frozen = [n for n in flat if self.is_pretrained(n)]
-    pick = lambda tree, names: _unflatten({n: tree[n] for n in names})
-    return ({'lora': _unflatten(adapters), 'new': pick(flat, new)},
-            {'lora': _unflatten(adapter_specs), 'new': pick(flat_specs, new)},
-            pick(flat, frozen), pick(flat_specs, frozen))
+    new, frozen = self._new_and_pretrained(flat)
+    new_specs, frozen_specs = self._new_and_pretrained(flat_specs)
+    return ({'lora': _unflatten(adapters), 'new': new},
+            {'lora': _unflatten(adapter_specs), 'new': new_specs}, frozen, frozen_specs)
 
   def split_values(self, params, rng):
     """(trainable, frozen) values from a full parameter tree. LoRA's A is drawn
@@ -190,9 +199,8 @@ class Plan:
                                                  (rows, self.lora_rank), dtype)
                                * jnp.asarray(rows ** -0.5, dtype))
       adapters[name + '/b'] = jnp.zeros((self.lora_rank, columns), dtype)
-    new = {n: leaf for n, leaf in flat.items() if not self.is_pretrained(n)}
-    frozen = {n: leaf for n, leaf in flat.items() if self.is_pretrained(n)}
-    return {'lora': _unflatten(adapters), 'new': _unflatten(new)}, _unflatten(frozen)
+    new, frozen = self._new_and_pretrained(flat)
+    return {'lora': _unflatten(adapters), 'new': new}, frozen
 
   def assemble(self, trainable, frozen):
     """The model's parameters: frozen + (alpha / r) A B on every target, plus the
@@ -207,12 +215,6 @@ class Plan:
       flat[name] = kernel + (self.scale * delta).reshape(kernel.shape).astype(kernel.dtype)
     flat.update(flatten(trainable['new']))
     return _unflatten(flat)
-
-
-def _flatten_specs(specs) -> dict:
-  leaves = jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)[0]
-  return {_path_name(path): leaf for path, leaf in leaves}
 
 
 def plan_for(config, model) -> Plan | None:
@@ -244,22 +246,11 @@ class Pretrained:
 def open_pretrained(init_from: str, log=print) -> Pretrained:
   """The checkpoint of `init_from` (the newest intact one for 'latest'), with the
   config and tokenizer it was trained with."""
-  from lmjax import checkpoint, config as config_lib
-  from lmjax.data import tokenizers
+  from lmjax import checkpoint
   workdir, step = parse_init_from(init_from)
-  checkpoints, candidates = checkpoint.candidate_steps(workdir, step)
-  for i, chosen in enumerate(candidates):
-    try:
-      checkpoint.check_intact(checkpoints, chosen)
-      config = config_lib.from_json(checkpoint.read_json(checkpoints, chosen, 'config'))
-      tokenizer = tokenizers.from_json(checkpoint.read_json(checkpoints, chosen, 'tokenizer'))
-    except checkpoint.CheckpointError as error:
-      if i + 1 == len(candidates):
-        raise
-      log(f'warning: init_from: {error}; falling back to the previous step')
-      continue
-    return Pretrained(workdir, chosen, config, tokenizer, checkpoints)
-  raise AssertionError('unreachable')
+  checkpoints, chosen, (config, tokenizer) = checkpoint.newest_intact(
+      workdir, step, checkpoint.read_run, log, what='init_from: ')
+  return Pretrained(workdir, chosen, config, tokenizer, checkpoints)
 
 
 def check_tokenizer_config(pretrained: Pretrained, tokenizer_config) -> None:

@@ -64,7 +64,8 @@ def cpu_device_count(config, cores: int) -> int:
   sizes = [int(config.mesh[axis]) for axis in MESH_AXES]
   if -1 not in sizes:
     return math.prod(sizes)
-  count = 1 if config.model.family in ('rnn', 'lstm', 'gru') else max(1, cores)
+  from lmjax.models import recurrent
+  count = 1 if config.model.family in recurrent.CELLS else max(1, cores)
   while count > 1 and (config.train.batch_size % count or config.train.eval_batch_size % count):
     count -= 1
   return count

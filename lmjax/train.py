@@ -165,18 +165,18 @@ def _jit_assemble(plan):
   return jax.jit(plan.assemble)
 
 
-def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, pretrained=None,
-                             plan=None):
+def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, model_params,
+                             pretrained=None, plan=None):
   """The latest checkpoint's state, or a new one (fine-tuning: built around the
-  pre-trained parameters). A LoRA run reads its frozen base from init_from again."""
+  pre-trained parameters, read into the shardings of `model_params`, the model's
+  abstract parameters). A LoRA run reads its frozen base from init_from again."""
   seq_len = config.data.seq_len
   carry_rows = train_state.carry_rows(config, model)
   abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows,
                                                          plan)
   backbone = None
   if pretrained is not None:
-    backbone = finetune.restore_backbone(pretrained, finetune.subtree(
-        train_state.abstract_params(model, seq_len, mesh), plan.prefix))
+    backbone = finetune.restore_backbone(pretrained, finetune.subtree(model_params, plan.prefix))
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   latest = checkpoints.latest_step()
   if latest is not None:
@@ -232,9 +232,9 @@ def _setup(config, workdir: str) -> _Run:
   tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps, per_epoch)
   if plan is not None:
     tx = plan.wrap_optimizer(tx)
-  state, state_shardings, checkpoints = _restore_or_create_state(
-      config, workdir, model, tx, mesh, tokenizer, pretrained, plan)
   model_params = train_state.abstract_params(model, config.data.seq_len, mesh)
+  state, state_shardings, checkpoints = _restore_or_create_state(
+      config, workdir, model, tx, mesh, tokenizer, model_params, pretrained, plan)
   num_params = models.count_params(model_params)
   _log(f'model {config.model.family} ({config.task}): {num_params:,} parameters, '
        f'{_trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
