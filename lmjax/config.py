@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache: a second run skips compiling ('' = off).
   c.compilation_cache_dir = '~/.cache/lmjax/xla'
   # CPU: XLA devices to split this host into, for data parallelism over its cores
-  # (0 = auto: one per core for Transformers, 1 for recurrent models; see sharding).
+  # (0 = auto: one per core for Transformers, 1 for recurrent models; see cpu_host).
   c.cpu_devices = 0
 
   # 'lm' (next token, causal models), 'mlm' (masked tokens, model.family='encoder')

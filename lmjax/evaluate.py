@@ -134,9 +134,10 @@ def _main(argv):
 
   from absl import flags
 
-  from lmjax import checkpoint, config as config_lib, distributed
+  from lmjax import checkpoint, config as config_lib, cpu_host, distributed
   from lmjax.data import corpora
   checkpoint.quiet_logs()
+  cpu_host.prepare()
   flag_values = flags.FLAGS
   try:
     distributed.initialize_from_flags()

@@ -189,9 +189,10 @@ def sample_text(params, model, tokenizer, sample_config, num_samples: int = 1,
 def _main(argv):
   from absl import flags
 
-  from lmjax import checkpoint, evaluate
+  from lmjax import checkpoint, cpu_host, evaluate
   del argv
   checkpoint.quiet_logs()
+  cpu_host.prepare()
   flag_values = flags.FLAGS
   try:
     config, tokenizer, model, params, step, _ = evaluate.restore_for_inference(

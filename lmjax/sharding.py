@@ -48,47 +48,6 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def cpu_device_count(config, cores: int) -> int:
-  """How many XLA devices to split a CPU host of `cores` cores into.
-
-  XLA:CPU runs the many small operations of a Transformer step one at a time,
-  so one device leaves all but one core mostly idle; one device per core, in
-  data parallel, keeps them all busy (measured: the shakespeare_char step
-  57 -> 40 ms on 2 cores). A recurrent model's step is a few large matmuls that
-  already use every core, and splitting its batch only slows it (85 -> 96 ms).
-  The count is `config.cpu_devices` when set; the product of an explicit mesh;
-  otherwise the largest count up to `cores` that divides both batch sizes.
-  """
-  if config.cpu_devices:
-    return int(config.cpu_devices)
-  sizes = [int(config.mesh[axis]) for axis in MESH_AXES]
-  if -1 not in sizes:
-    return math.prod(sizes)
-  from lmjax.models import recurrent
-  count = 1 if config.model.family in recurrent.CELLS else max(1, cores)
-  while count > 1 and (config.train.batch_size % count or config.train.eval_batch_size % count):
-    count -= 1
-  return count
-
-
-def split_cpu_host(config, multi_process: bool = False) -> int | None:
-  """Splits the CPU backend into `cpu_device_count` devices (via XLA_FLAGS, before
-  JAX starts its backends). Leaves alone an explicit
-  --xla_force_host_platform_device_count, multi-process runs (whose launchers
-  choose), and a backend that has already started. Returns the count set, if any."""
-  import os
-
-  from jax._src import xla_bridge
-  flags = os.environ.get('XLA_FLAGS', '')
-  if ('xla_force_host_platform_device_count' in flags or multi_process
-      or xla_bridge.backends_are_initialized()):
-    return None
-  count = cpu_device_count(config, len(os.sched_getaffinity(0)))
-  if count > 1:
-    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()
-  return count
-
-
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))

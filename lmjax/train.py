@@ -20,6 +20,7 @@ import numpy as np
 
 from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import cpu_host
 from lmjax import distributed
 from lmjax import fs
 from lmjax import finetune
@@ -524,7 +525,7 @@ def _main(argv):
     multi_process = distributed.settings(flag_values.coordinator_address,
                                          flag_values.num_processes,
                                          flag_values.process_id) is not None
-    sharding.split_cpu_host(flag_values.config, multi_process)
+    cpu_host.prepare(flag_values.config, multi_process)
     distributed.initialize_from_flags()
     if flag_values.compile_only:
       print(json.dumps(compile_only(flag_values.config), indent=2))

@@ -10,6 +10,9 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 from lmjax import config as config_lib  # noqa: E402
+from lmjax import cpu_host  # noqa: E402
+
+cpu_host.prepare()  # the process settings of lmjax's entry points (no host split: 8 devices)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAKESPEARE_DIR = REPO.parent / 'shared' / 'data' / 'tinyshakespeare'

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from lmjax import checkpoint, config as config_lib, models, sharding, train, train_state
+from lmjax import checkpoint, config as config_lib, cpu_host, models, sharding, train, train_state
 
 SEQ_LEN, BATCH, STEPS = 16, 16, 5
 
@@ -183,25 +183,6 @@ def test_pmap_run_trains_checkpoints_and_evaluates_like_the_mesh_run(corpus_dir,
         **overrides, 'model.family': 'lstm', 'data.layout': 'stream'}), str(tmp_path / 'r'))
 
 
-def test_cpu_host_is_split_into_one_device_per_core_for_transformers():
-  config = config_lib.base_config()
-  config.train.batch_size, config.train.eval_batch_size = 12, 64
-  assert sharding.cpu_device_count(config, cores=2) == 2
-  assert sharding.cpu_device_count(config, cores=8) == 4  # the largest count dividing 12 and 64
-  config.train.batch_size = 7
-  assert sharding.cpu_device_count(config, cores=2) == 1
-  config.train.batch_size = 12
-  config.model.family = 'lstm'  # large matmuls already use every core
-  assert sharding.cpu_device_count(config, cores=2) == 1
-  config.cpu_devices = 4
-  assert sharding.cpu_device_count(config, cores=2) == 4
-  config.cpu_devices, config.model.family = 0, 'transformer'
-  config.mesh.data, config.mesh.fsdp = 1, 3  # an explicit mesh says how many
-  assert sharding.cpu_device_count(config, cores=2) == 3
-  # Here the backend has started (8 devices, from conftest): nothing changes.
-  assert sharding.split_cpu_host(config) is None
-
-
 @pytest.mark.slow
 def test_train_splits_a_cpu_host_unless_told_how_many_devices():
   import os
@@ -214,6 +195,6 @@ def test_train_splits_a_cpu_host_unless_told_how_many_devices():
                             cwd=REPO, env={**env, 'XLA_FLAGS': flags})
     assert result.returncode == 0, result.stderr[-2000:]
     counts.append(json.loads(result.stdout)['devices'])
-  auto = sharding.cpu_device_count(config_lib.load_config_file(
+  auto = cpu_host.cpu_device_count(config_lib.load_config_file(
       str(REPO / 'configs' / 'shakespeare_char.py')), len(os.sched_getaffinity(0)))
   assert counts == [auto, 1]

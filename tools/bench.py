@@ -85,9 +85,9 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from lmjax import metrics, models, sharding, steps, train, train_state
+  from lmjax import cpu_host, metrics, models, sharding, steps, train, train_state
   config = flags.FLAGS.config
-  sharding.split_cpu_host(config)  # as lmjax.train does
+  cpu_host.prepare(config)  # as lmjax.train does
   train.enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
   vocab = vocab_size_for(config)

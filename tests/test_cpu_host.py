@@ -1,0 +1,69 @@
+"""CPU host settings: freed memory stays in the process; entry points dispatch synchronously."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+from lmjax import config as config_lib, cpu_host
+
+# Mallocs, writes and frees a 64 MB block 5 times (as XLA:CPU does with a step's
+# buffers), before and after the setting, counting the page faults of each round
+# (a fault = the kernel mapping a fresh zeroed page into the process).
+_PROBE = '''
+import ctypes, json, resource
+from lmjax import cpu_host
+
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 64 << 20
+
+def faults():
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(5):
+    block = libc.malloc(SIZE)
+    ctypes.memset(block, 1, SIZE)
+    libc.free(block)
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults()
+retained = cpu_host.retain_freed_memory()
+faults()  # the first round after the setting may still map the block once
+after = faults()
+cpu_host.prepare()
+import jax
+print(json.dumps({'default': default, 'retained': retained, 'after': after,
+                  'async': jax.config.read('jax_cpu_enable_async_dispatch')}))
+'''
+
+
+def test_freed_blocks_are_reused_instead_of_faulted_in_again():
+  result = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  measured = json.loads(result.stdout.strip().splitlines()[-1])
+  pages = 5 * (64 << 20) // 4096
+  assert measured['retained'] is True
+  assert measured['default'] > 0.9 * pages  # glibc returned each block to the kernel
+  assert measured['after'] < 0.05 * pages, measured  # now the block is reused
+  assert measured['async'] is False
+
+
+def test_cpu_host_is_split_into_one_device_per_core_for_transformers():
+  config = config_lib.base_config()
+  config.train.batch_size, config.train.eval_batch_size = 12, 64
+  assert cpu_host.cpu_device_count(config, cores=2) == 2
+  assert cpu_host.cpu_device_count(config, cores=8) == 4  # the largest count dividing 12 and 64
+  config.train.batch_size = 7
+  assert cpu_host.cpu_device_count(config, cores=2) == 1
+  config.train.batch_size = 12
+  config.model.family = 'lstm'  # large matmuls already use every core
+  assert cpu_host.cpu_device_count(config, cores=2) == 1
+  config.cpu_devices = 4
+  assert cpu_host.cpu_device_count(config, cores=2) == 4
+  config.cpu_devices, config.model.family = 0, 'transformer'
+  config.mesh.data, config.mesh.fsdp = 1, 3  # an explicit mesh says how many
+  assert cpu_host.cpu_device_count(config, cores=2) == 3
+  # Here the backend has started (8 devices, from conftest): nothing changes.
+  assert cpu_host.split_cpu_host(config) is None
