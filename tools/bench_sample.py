@@ -29,7 +29,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from lmjax import evaluate, models, sample
+  from lmjax import cpu_host, evaluate, models, sample
+  cpu_host.prepare()  # as lmjax.sample does
   if flags.FLAGS.workdir:
     config, tokenizer, model, params, _, _ = evaluate.restore_for_inference(flags.FLAGS.workdir)
     vocab = tokenizer.vocab_size
