@@ -213,6 +213,10 @@ def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = 2  # XLA needs the cores more.
+  # Every buffer and parallelism here is fixed, so autotuning has nothing to tune, and
+  # its model thread, which sleeps up to 60 s between optimisations, could hold up
+  # the iterator's destructor that long (seen at the end of training: 8-53 s).
+  options.autotune.enabled = False
   return dataset.prefetch(4).with_options(options)
 
 
