@@ -1,7 +1,11 @@
-"""CPU host settings: freed memory stays in the process; entry points dispatch synchronously."""
+"""CPU host settings: freed memory stays in the process; entry points dispatch synchronously
+and split a CPU host into one device per core for Transformers."""
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -67,3 +71,19 @@ def test_cpu_host_is_split_into_one_device_per_core_for_transformers():
   assert cpu_host.cpu_device_count(config, cores=2) == 3
   # Here the backend has started (8 devices, from conftest): nothing changes.
   assert cpu_host.split_cpu_host(config) is None
+
+
+@pytest.mark.slow
+def test_train_splits_a_cpu_host_unless_told_how_many_devices():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/shakespeare_char.py',
+             '--compile_only']
+  counts = []
+  for flags in ('', '--xla_force_host_platform_device_count=1'):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env={**env, 'XLA_FLAGS': flags})
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts.append(json.loads(result.stdout)['devices'])
+  auto = cpu_host.cpu_device_count(config_lib.load_config_file(
+      str(REPO / 'configs' / 'shakespeare_char.py')), len(os.sched_getaffinity(0)))
+  assert counts == [auto, 1]

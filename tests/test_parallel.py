@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from lmjax import checkpoint, config as config_lib, cpu_host, models, sharding, train, train_state
+from lmjax import checkpoint, config as config_lib, models, sharding, train, train_state
 
 SEQ_LEN, BATCH, STEPS = 16, 16, 5
 
@@ -182,19 +182,3 @@ def test_pmap_run_trains_checkpoints_and_evaluates_like_the_mesh_run(corpus_dir,
     train.train_and_evaluate(tiny_config(corpus_dir, parallelism='pmap', **{
         **overrides, 'model.family': 'lstm', 'data.layout': 'stream'}), str(tmp_path / 'r'))
 
-
-@pytest.mark.slow
-def test_train_splits_a_cpu_host_unless_told_how_many_devices():
-  import os
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/shakespeare_char.py',
-             '--compile_only']
-  counts = []
-  for flags in ('', '--xla_force_host_platform_device_count=1'):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env={**env, 'XLA_FLAGS': flags})
-    assert result.returncode == 0, result.stderr[-2000:]
-    counts.append(json.loads(result.stdout)['devices'])
-  auto = cpu_host.cpu_device_count(config_lib.load_config_file(
-      str(REPO / 'configs' / 'shakespeare_char.py')), len(os.sched_getaffinity(0)))
-  assert counts == [auto, 1]
