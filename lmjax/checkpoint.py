@@ -9,7 +9,13 @@ Resume order: the tokenizer is checked first (it fixes the vocabulary), then
 the parameter shapes against the configured model, then the state is restored
 straight into its sharded layout.
 """
+import contextlib
+import errno
 import os
+import re
+import shutil
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,18 +28,170 @@ ITEMS = ('state', 'config', 'tokenizer')
 
 def quiet_logs() -> None:
   """Orbax logs every save and restore at INFO: command-line tools show warnings
-  and errors only, unless --verbosity asks for more."""
+  and errors only, unless --verbosity asks for more. A failed read also leaves
+  Orbax's sibling reads (asyncio coroutines) to report the same error again as
+  "exception never retrieved" / "Exception ignored", a traceback each, after the
+  error itself was raised (and reported by lmjax in one line): those are dropped."""
+  import logging as std_logging
+
   from absl import flags, logging
   if 'verbosity' not in flags.FLAGS or not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
+  # An asynchronous save that fails logs its traceback from Orbax's thread, then
+  # raises the same error in the main thread, which lmjax reports in one line.
+  std_logging.getLogger('absl').addFilter(
+      lambda record: '_SignalingThread.run() raised an exception' not in str(record.msg))
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is not None and 'orbax' in code.co_filename:
+      return
+    default_hook(unraisable)
+
+  sys.unraisablehook = hook
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, corrupt or does not fit the run."""
 
 
+class CheckpointDamaged(CheckpointError):
+  """A step whose files are missing or corrupt: readers may fall back to an older one."""
+
+
+class CheckpointIOError(RuntimeError):
+  """Storage failed (permissions, network, disk full), not the checkpoint: readers do
+  not fall back to an older step, since the newest may be fine."""
+
+
+ERRORS = (CheckpointError, CheckpointIOError)  # what entry points report as `error: ...`
+IO_ATTEMPTS = 3  # reads of a step that fail with an I/O error are tried this often
+RETRY_DELAY_S = 1.0  # before the second attempt; doubled before each later one
+
+# Words of storage failures (not damage) in TensorStore's, TensorFlow's and the OS's
+# messages. NOT_FOUND and DATA_LOSS are damage: the step is incomplete or corrupt.
+_IO_WORDS = ('PERMISSION_DENIED', 'Permission denied', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
+             'RESOURCE_EXHAUSTED', 'No space left', 'Input/output error', 'Connection reset',
+             'timed out', 'UNAUTHENTICATED')
+_IO_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOSPC, errno.ETIMEDOUT,
+              errno.ECONNRESET, errno.EDQUOT, errno.EROFS)
+
+
+def _chain(error):
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def is_io_failure(error: BaseException) -> bool:
+  """Whether `error` (or one it came from) is the storage failing rather than a
+  missing or corrupt file."""
+  for link in _chain(error):
+    if isinstance(link, (PermissionError, TimeoutError, ConnectionError)):
+      return True
+    if isinstance(link, OSError) and link.errno in _IO_ERRNOS:
+      return True
+    if any(word in str(link) for word in _IO_WORDS):
+      return True
+  return False
+
+
+def is_disk_full(error: BaseException) -> bool:
+  return any((isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT)) or
+             'RESOURCE_EXHAUSTED' in str(link) or 'No space left' in str(link)
+             for link in _chain(error))
+
+
+_STATUS = re.compile(r'\b[A-Z]+(?:_[A-Z]+)*: ')  # 'PERMISSION_DENIED: ...' (absl status codes)
+
+
+def brief(error: BaseException, limit: int = 240) -> str:
+  """One line for `error`: the most telling message of its chain (the first with an
+  absl status code such as PERMISSION_DENIED, else the root cause), without the
+  TensorStore spec (hundreds of lines) and source locations it appends."""
+  links = list(_chain(error))
+  chosen = next((link for link in links if _STATUS.search(str(link))), links[-1])
+  text = str(chosen)
+  for marker in (' [tensorstore_spec=', ' [source locations=', ' See full TensorStore', '\n'):
+    text = text.split(marker)[0]
+  text = text.strip() or type(chosen).__name__
+  return f'{type(chosen).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
+
+
+def describe_failure(error: BaseException, workdir: str = '') -> str:
+  """The message of an error an entry point reports; a full disk, wherever it
+  surfaced (a checkpoint, metrics.jsonl, TensorBoard), says so in one line."""
+  if is_disk_full(error) and not isinstance(error, CheckpointIOError):
+    return (f'disk full: cannot write to {workdir or "the workdir"} ({brief(error)}). Free '
+            'space there or use another --workdir; the checkpoints already written are intact')
+  return str(error)
+
+
+@contextlib.contextmanager
+def save_errors(checkpoints, step):
+  """Turns a failed save (a full disk, unwritable storage) into CheckpointIOError
+  naming the step and path; Orbax's asynchronous save surfaces its error in the
+  next call, so `step` may be the one before."""
+  try:
+    yield
+  except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+    if not is_io_failure(error):
+      raise
+    failed = re.search(r'/(\d+)\.orbax-checkpoint-tmp',  # the save in flight
+                       ' '.join(str(link) for link in _chain(error)))
+    step = int(failed.group(1)) if failed else step
+    path = _step_path(checkpoints, step)
+    kept = [s for s in checkpoints.all_steps() if s != step]
+    previous = f'step {max(kept)}' if kept else 'none'
+    cause = 'disk full' if is_disk_full(error) else 'storage error'
+    raise CheckpointIOError(
+        f'{cause}: could not write checkpoint step {step} to {path} ({brief(error)}). The '
+        f'checkpoints already written are intact (newest: {previous}). Free space or fix '
+        'access there, or use another --workdir; then run again to resume') from error
+
+
+def _attempt(read, step: int, path: str, what: str):
+  """`read()`, retried on I/O failures; any other failure means the step is damaged."""
+  for attempt in range(IO_ATTEMPTS):
+    try:
+      return read()
+    except CheckpointError:
+      raise
+    except Exception as error:  # noqa: BLE001 - Orbax, TensorStore and the OS raise many kinds
+      if not is_io_failure(error):
+        raise CheckpointDamaged(f'checkpoint step {step} at {path} is damaged: cannot read '
+                                f'{what} ({brief(error)})') from error
+      if attempt + 1 == IO_ATTEMPTS:
+        raise CheckpointIOError(
+            f'checkpoint step {step} at {path}: reading {what} failed {IO_ATTEMPTS} times with '
+            f'a storage error ({brief(error)}). That is not damage, so no older step was '
+            'used: fix access to the storage (permissions, network, space) and run again'
+            ) from error
+      time.sleep(RETRY_DELAY_S * 2**attempt)
+  raise AssertionError('unreachable')
+
+
 def directory(workdir: str) -> str:
   return os.path.join(fs.absolute(workdir), 'checkpoints')
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The state's handler: Orbax's own format, without the `_sharding` file. That
+  file records the devices of the mesh that wrote the step, and plain Orbax's
+  restore without a target (`StandardCheckpointer().restore(path)`) fails on any
+  other device count ("Topology mismatch"); without it, that restore returns
+  numpy arrays anywhere. lmjax always restores into explicit shardings."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _handlers(*extra: str) -> dict:
+  return {'state': _state_handler(), 'config': ocp.JsonCheckpointHandler(),
+          'tokenizer': ocp.JsonCheckpointHandler(),
+          **{item: ocp.JsonCheckpointHandler() for item in extra}}
 
 
 def manager(workdir: str, checkpoint_config=None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -41,14 +199,41 @@ def manager(workdir: str, checkpoint_config=None, read_only: bool = False) -> oc
       max_to_keep=checkpoint_config.keep if checkpoint_config else None,
       enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
       create=not read_only, read_only=read_only)
-  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
-              'tokenizer': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(directory(workdir), options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(directory(workdir), options=options, item_handlers=_handlers())
+
+
+SPACE_MARGIN = 1 << 20  # bytes a step needs beyond its arrays (metadata, JSON items)
+
+
+def check_space(checkpoints, step: int, state) -> None:
+  """Raises CheckpointIOError before a save that cannot fit on a local disk.
+
+  Orbax writes a step from a background thread and TensorStore's callbacks;
+  when the disk fills up mid-write, several of them print their own tracebacks
+  before the error reaches lmjax. Checking first (the step needs at most its
+  arrays' bytes: Orbax compresses them) keeps that case to one clear line; the
+  error handling of `save_errors` still covers a disk filled by someone else
+  during the write. Object stores have no free-space figure: not checked."""
+  path = str(checkpoints.directory)
+  if '://' in path:
+    return
+  checkpoints.wait_until_finished()  # the previous step's bytes are on disk now
+  needed = SPACE_MARGIN + sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state)
+                              if hasattr(leaf, 'nbytes'))
+  free = shutil.disk_usage(path).free
+  if free < needed:
+    kept = checkpoints.all_steps()
+    raise CheckpointIOError(
+        f'disk full: checkpoint step {step} needs up to {needed / 2**20:.1f} MiB in {path}, '
+        f'but {free / 2**20:.1f} MiB are free there. The checkpoints already written are '
+        f'intact (newest: {f"step {max(kept)}" if kept else "none"}). Free space or use '
+        'another --workdir, then run again to resume')
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, config_json: dict,
          tokenizer_json: dict, metrics: dict | None = None) -> None:
-  items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json),
+  check_space(checkpoints, step, state)
+  items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config_json),
                tokenizer=ocp.args.JsonSave(tokenizer_json))
   if metrics is not None:  # the best-checkpoint manager records why it kept the step
     items['metrics'] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()})
@@ -71,12 +256,9 @@ def _step_path(checkpoints, step) -> str:
 
 
 def read_json(checkpoints, step: int, item: str) -> dict:
-  try:
-    restored = checkpoints.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
-  except Exception as error:
-    raise CheckpointError(f'checkpoint step {step} at {_step_path(checkpoints, step)} is '
-                          f'damaged: cannot read {item!r} ({type(error).__name__}: {error})'
-                          ) from error
+  restored = _attempt(lambda: checkpoints.restore(
+      step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})),
+      step, _step_path(checkpoints, step), repr(item))
   return restored[item]
 
 
@@ -88,13 +270,8 @@ def _shapes(tree) -> dict:
 def check_shapes(checkpoints, step: int, abstract_params, allow_unused: bool = False) -> None:
   """Raises CheckpointError listing every parameter whose shape differs
   (`allow_unused`: parameters only the checkpoint has are not a difference)."""
-  try:
-    metadata = checkpoints.item_metadata(step)['state']
-    saved = _shapes(metadata['params'])
-  except Exception as error:
-    raise CheckpointError(f'checkpoint step {step} at {_step_path(checkpoints, step)} is '
-                          f'damaged: cannot read its metadata ({type(error).__name__}: {error})'
-                          ) from error
+  saved = _attempt(lambda: _shapes(checkpoints.item_metadata(step)['state']['params']),
+                   step, _step_path(checkpoints, step), 'its metadata')
   wanted = _shapes(abstract_params)
   differences = []
   for name in sorted(set(saved) | set(wanted)):
@@ -114,12 +291,11 @@ def check_shapes(checkpoints, step: int, abstract_params, allow_unused: bool = F
 def restore_state(checkpoints, step: int, abstract_state):
   """Restores the TrainState at `step` into the shardings of `abstract_state`."""
   check_shapes(checkpoints, step, abstract_state.params)
-  try:
-    restored = checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-  except Exception as error:
-    raise CheckpointError(f'checkpoint step {step} at {_step_path(checkpoints, step)} could not '
-                          f'be restored ({type(error).__name__}: {error})') from error
+  restored = _attempt(lambda: checkpoints.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=abstract_state,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))),
+      step, _step_path(checkpoints, step), "'state'")
   return restored['state']
 
 
@@ -143,10 +319,8 @@ def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager
   """Holds one checkpoint: the best evaluation so far (kept apart from the last N)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
                                          read_only=read_only)
-  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
-              'tokenizer': ocp.JsonCheckpointHandler(), 'metrics': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(fs.absolute(workdir), 'checkpoints_best'),
-                               options=options, item_handlers=handlers)
+                               options=options, item_handlers=_handlers('metrics'))
 
 
 def candidate_steps(workdir: str, step: str = 'latest'):
@@ -182,8 +356,8 @@ def check_intact(checkpoints, step: int) -> None:
   `read_json`, `check_shapes`, `restore_params`.)"""
   path = _step_path(checkpoints, step)
   for item in ITEMS:
-    if not fs.isdir(os.path.join(path, item)):
-      raise CheckpointError(f'checkpoint step {step} at {path} is damaged: {item!r} is missing')
+    if not _attempt(lambda: fs.isdir(os.path.join(path, item)), step, path, repr(item)):
+      raise CheckpointDamaged(f'checkpoint step {step} at {path} is damaged: {item!r} is missing')
 
 
 def read_run(checkpoints, step: int):
@@ -202,7 +376,7 @@ def newest_intact(workdir: str, step: str, read, log=print, what: str = ''):
     try:
       check_intact(checkpoints, chosen)
       result = read(checkpoints, chosen)
-    except CheckpointError as error:
+    except CheckpointDamaged as error:
       if i + 1 == len(candidates):
         raise
       log(f'warning: {what}{error}; falling back to the previous step')
@@ -214,6 +388,32 @@ def newest_intact(workdir: str, step: str, read, log=print, what: str = ''):
   raise AssertionError('unreachable')
 
 
+DAMAGED = 'checkpoints_damaged'  # WORKDIR/checkpoints_damaged/<step>: set aside, never deleted
+
+
+def resume_point(workdir: str, read, log=print):
+  """(step, read(manager, step)) of the newest intact checkpoint, for resuming
+  training. Newer damaged steps are moved (by process 0) to WORKDIR/{DAMAGED}/,
+  kept for inspection and out of the way of the steps the run will save again;
+  each is one warning. If no step is intact, nothing is moved and the newest
+  step's error is raised."""
+  checkpoints, step, result = newest_intact(workdir, 'latest', read, log=log)
+  newer = [s for s in checkpoints.all_steps() if s > step]
+  aside = os.path.join(fs.absolute(workdir), DAMAGED)
+  for skipped in sorted(newer):
+    source, target = _step_path(checkpoints, skipped), os.path.join(aside, str(skipped))
+    if jax.process_index() == 0:
+      fs.makedirs(aside)
+      if fs.exists(target):
+        target = f'{target}.{int(time.time())}'
+      fs.move_tree(source, target)
+    log(f'warning: moved damaged checkpoint step {skipped} to {target} (kept, not deleted)')
+  if newer and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # only multi-process runs need the barrier
+    multihost_utils.sync_global_devices('lmjax: damaged checkpoints moved aside')
+  return step, result
+
+
 def restore_params(checkpoints, step: int, abstract_params, allow_unused: bool = False):
   """Only the parameters of `step` (no optimizer state is read), straight into the
   shardings of `abstract_params`, whatever mesh or process count wrote them
@@ -221,12 +421,11 @@ def restore_params(checkpoints, step: int, abstract_params, allow_unused: bool =
   check_shapes(checkpoints, step, abstract_params, allow_unused)
   path = os.path.join(_step_path(checkpoints, step), 'state')
   target = {'params': abstract_params}
-  try:
+
+  def read():
     with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True))
-  except Exception as error:
-    raise CheckpointError(f'checkpoint step {step} at {path}: parameters could not be '
-                          f'restored ({type(error).__name__}: {error})') from error
-  return restored['params']
+
+  return _attempt(read, step, _step_path(checkpoints, step), 'its parameters')['params']

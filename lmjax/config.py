@@ -131,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache: a second run skips compiling ('' = off).
   c.compilation_cache_dir = '~/.cache/lmjax/xla'
   # CPU: XLA devices to split this host into, for data parallelism over its cores
-  # (0 = auto: one per core for Transformers, 1 for recurrent models; see cpu_host).
+  # (0 = one device; -1 = one per core for Transformers, 1 for recurrent models;
+  # N = N; see cpu_host for what a split gains and risks).
   c.cpu_devices = 0
 
   # 'lm' (next token, causal models), 'mlm' (masked tokens, model.family='encoder')
@@ -237,6 +238,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_at = 0  # Stop with a checkpoint at this step, to resume later (0 = num_steps).
   c.train.log_every = 50  # Steps between progress lines and metric records.
   c.train.eval_every = 250  # Steps between evaluations (0 = only at the end).
+  # A train step, evaluation batch or save that makes no progress for this long
+  # ends the run with an error naming the step and phase (a stuck collective);
+  # the first step, which compiles, gets 4x. 0 = wait forever.
+  c.train.phase_timeout_s = 600.0
+  # After a SIGTERM, the process ends within this long even if it is stuck.
+  c.train.sigterm_grace_s = 120.0
   c.train.eval_batches = 50  # Batches per periodic evaluation (-1 = whole split).
   c.train.final_eval_batches = -1  # Batches for the final evaluation (-1 = whole split).
   c.train.eval_batch_size = 32  # Global batch size for evaluation.

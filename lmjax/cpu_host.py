@@ -15,9 +15,20 @@ Three settings, each measured with `tools/bench.py` on a 2-core VM:
   emptied heap whatever the thresholds (strace: a 64 MB heap mapped and
   unmapped every step). The train loop loses little: tf.data prefetches in its
   own threads.
-- One XLA device per core for Transformers (`cpu_device_count`).
+- One XLA device per core only when asked (`cpu_device_count`).
+
+Several CPU devices in one process (a split host, a simulated pod) launch
+each device's part of a program on a shared thread pool, where a later
+program's launch on a device can take that device's in-flight slot and then
+wait for an input that an earlier program, queued behind the slot, has not
+produced: a deadlock (gdb on a hung 2-process x 2-device run: one local
+device in the evaluation's gloo all-reduce, the other's launch blocked in
+`Semaphore::Acquire`, a third launch in `BlockUntilReady`). `settle` waits
+for each program there before the next is dispatched, and XLA's in-process
+rendezvous waits for a late device instead of aborting after 40 s.
 """
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -41,24 +52,33 @@ def retain_freed_memory() -> bool:
               mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def cpu_device_count(config, cores: int) -> int:
-  """How many XLA devices to split a CPU host of `cores` cores into.
+# XLA aborts the process when a device is 40 s late to an in-process collective
+# (rendezvous.cc "Termination timeout"); a loaded host can be that slow without
+# anything being wrong. lmjax's own watchdog bounds a real hang instead, with an
+# error naming the step and phase.
+RENDEZVOUS_TERMINATE_S = 3600
 
-  XLA:CPU runs a Transformer step's many small operations one at a time, so
-  one device leaves the other cores mostly idle; one device per core, in data
-  parallel, keeps them busy. A recurrent model's step is a few large matmuls
-  that already use every core, and splitting its batch only slows it.
-  The count is `config.cpu_devices` when set; the product of an explicit mesh;
-  otherwise the largest count up to `cores` that divides both batch sizes.
-  """
+
+def cpu_device_count(config, cores: int) -> int:
+  """How many XLA devices to split a CPU host of `cores` cores into: one unless
+  asked. `config.cpu_devices=-1` asks for one per core for Transformers (the
+  largest count up to `cores` that divides both batch sizes; recurrent models
+  keep one, their few large matmuls already use every core); N > 0 asks for
+  N; an explicit mesh for its product.
+
+  One device per core ran a shakespeare_char step in 38.6 ms against 40-42 on
+  one device (5 %), but puts in-process collectives in every step; one device
+  has none, so a slow moment on a loaded machine can only cost time."""
   from lmjax import sharding
   from lmjax.models import recurrent
-  if config.cpu_devices:
+  if config.cpu_devices > 0:
     return int(config.cpu_devices)
   sizes = [int(config.mesh[axis]) for axis in sharding.MESH_AXES]
   if -1 not in sizes:
     return math.prod(sizes)
-  count = 1 if config.model.family in recurrent.CELLS else max(1, cores)
+  if config.cpu_devices == 0 or config.model.family in recurrent.CELLS:
+    return 1
+  count = max(1, cores)
   while count > 1 and (config.train.batch_size % count or config.train.eval_batch_size % count):
     count -= 1
   return count
@@ -80,10 +100,34 @@ def split_cpu_host(config, multi_process: bool = False) -> int | None:
   return count
 
 
+def _patient_rendezvous() -> None:
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_cpu_collective_call_terminate_timeout_seconds' not in flags:
+    os.environ['XLA_FLAGS'] = (f'{flags} --xla_cpu_collective_call_terminate_timeout_seconds='
+                               f'{RENDEZVOUS_TERMINATE_S}').strip()
+
+
+@functools.cache
+def _several_cpu_devices() -> bool:
+  import jax
+  return jax.default_backend() == 'cpu' and jax.local_device_count() > 1
+
+
+def settle(tree):
+  """`tree` (a program's outputs), after waiting for it when this process runs
+  several CPU devices (see the module docstring); at once otherwise."""
+  if _several_cpu_devices():
+    import jax
+    jax.block_until_ready(tree)
+  return tree
+
+
 def prepare(config=None, multi_process: bool = False) -> int | None:
   """The settings of the module docstring, before JAX starts its backends; the
   host is split only for a training `config`. Returns `split_cpu_host`'s count."""
   import jax
   retain_freed_memory()
   jax.config.update('jax_cpu_enable_async_dispatch', False)
-  return None if config is None else split_cpu_host(config, multi_process)
+  count = None if config is None else split_cpu_host(config, multi_process)
+  _patient_rendezvous()  # after the split: both go into XLA_FLAGS before JAX starts
+  return count

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lmjax import cpu_host
 from lmjax import metrics as metrics_lib
 from lmjax import sharding
 from lmjax import steps
+from lmjax import watchdog
 from lmjax.data import pipeline
 from lmjax.models import recurrent
 
@@ -40,10 +42,12 @@ def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_
                                   masking, seed)
   with sharding.rules_and_mesh(mesh):
     for local in batches:
-      sums, new_state = eval_fn(params, sharding.make_global_batch(local, mesh), state)
+      sums, new_state = cpu_host.settle(
+          eval_fn(params, sharding.make_global_batch(local, mesh), state))
       if carry:
         state = new_state
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      totals = sums if totals is None else cpu_host.settle(jax.tree.map(jnp.add, totals, sums))
+      watchdog.beat()
   return metrics_lib.summarize(jax.device_get(totals))
 
 
@@ -145,7 +149,7 @@ def _main(argv):
     result = evaluate_checkpoint(flag_values.workdir, flag_values.step, flag_values.split or None,
                                  _data_overrides(_DATA_ARGS), flag_values.eval_batches,
                                  flag_values.batch_size, log)
-  except (checkpoint.CheckpointError, config_lib.ConfigError, corpora.CorpusError,
+  except (*checkpoint.ERRORS, config_lib.ConfigError, corpora.CorpusError,
           ValueError, distributed.DistributedError) as error:
     sys.exit(f'error: {error}')
   text = json.dumps(result, indent=2, sort_keys=True)

@@ -36,3 +36,18 @@ def open(path: str, mode: str = 'r'):  # noqa: A001 - mirrors the builtin
 def replace(source: str, target: str) -> None:
   """Atomic on local disks; on object stores, a copy then a delete."""
   tf.io.gfile.rename(source, target, overwrite=True)
+
+
+def move_tree(source: str, target: str) -> None:
+  """Moves a directory: a rename on local disks; on object stores (no directories),
+  every object copied, then the source deleted."""
+  if '://' not in source:
+    os.rename(source, target)
+    return
+  for directory, _, files in tf.io.gfile.walk(source):
+    relative = os.path.relpath(directory, source)
+    tf.io.gfile.makedirs(os.path.join(target, relative))
+    for name in files:
+      tf.io.gfile.copy(os.path.join(directory, name), os.path.join(target, relative, name),
+                       overwrite=True)
+  tf.io.gfile.rmtree(source)

@@ -46,7 +46,7 @@ def _main(argv):
   try:
     chosen = merge(values.workdir, values.output, values.step,
                    log=lambda message: print(message, file=sys.stderr))
-  except (checkpoint.CheckpointError, config_lib.ConfigError, ValueError) as error:
+  except (*checkpoint.ERRORS, config_lib.ConfigError, ValueError) as error:
     sys.exit(f'error: {error}')
   print(f'merged step {chosen} of {values.workdir} into {checkpoint.directory(values.output)}')
 

@@ -52,21 +52,25 @@ _STATIC = ('model', 'total_len', 'temperature', 'top_k', 'top_p', 'vocab_size', 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_recompute(params, buffer, prompt_lens, rng, *, model, total_len, temperature,
                         top_k, top_p, vocab_size, eos_id):
-  """Reference decoding: every new token recomputes the model over the last max_len
-  tokens (no cache). All prompts must have the same length."""
+  """Decoding without a cache: every new token recomputes the model over the
+  window of the last max_len tokens (the path for learned positions past the
+  context). Prompts may differ in length: all rows share the window ending at
+  the position being generated, and causal attention keeps each row's logits
+  there a function of that row's own last max_len tokens; a row still inside
+  its prompt keeps the prompt's token."""
   del eos_id
   window = min(model.max_len, total_len)
-  prompt_len = prompt_lens[0]
 
   def body(position, buffer):
     start = jnp.maximum(position - window, 0)
     context = jax.lax.dynamic_slice_in_dim(buffer, start, window, axis=1)  # [batch, window]
     logits = model.apply({'params': params}, context, deterministic=True)
     last = jax.lax.dynamic_index_in_dim(logits, position - 1 - start, axis=1, keepdims=False)
-    token = _pick(last, rng, position, temperature, top_k, top_p, vocab_size)
-    return jax.lax.dynamic_update_index_in_dim(buffer, token.astype(buffer.dtype), position, 1)
+    sampled = _pick(last, rng, position, temperature, top_k, top_p, vocab_size)
+    token = jnp.where(position < prompt_lens, buffer[:, position], sampled.astype(buffer.dtype))
+    return jax.lax.dynamic_update_index_in_dim(buffer, token, position, 1)
 
-  return jax.lax.fori_loop(prompt_len, total_len, body, buffer)
+  return jax.lax.fori_loop(jnp.min(prompt_lens), total_len, body, buffer)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -123,7 +127,7 @@ def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
   `prompt_ids`: one non-empty id array (drawn `num_samples` times), or a list of
   them (of any lengths). Returns [rows, max_new_tokens] ids after each prompt
   (past an `eos_id` the rest is unspecified). Transformers decode with a
-  key/value cache (`use_cache=False`: recompute, equal prompt lengths only;
+  key/value cache (`use_cache=False`: recompute over the last max_len tokens;
   learned positions fall back to it when prompt + new tokens exceed the
   context); recurrent models step their carried state. Deterministic for a seed.
   """
@@ -139,12 +143,8 @@ def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
     buffer[row, :len(p)] = p
   recurrent = getattr(model, 'recurrent', False)
   fits = recurrent or model.positions == 'rope' or total_len <= model.max_len
-  if not recurrent and (not use_cache or not fits):
-    if len(set(lengths.tolist())) > 1:
-      raise ValueError('decoding without the cache needs prompts of one length')
-    loop = _generate_recompute
-  else:
-    loop = _generate_stepwise
+  loop = _generate_recompute if not recurrent and (not use_cache or not fits) else (
+      _generate_stepwise)
   out = np.asarray(loop(params, jnp.asarray(buffer), jnp.asarray(lengths), jax.random.key(seed),
                         model=model, total_len=total_len, temperature=float(temperature),
                         top_k=int(top_k), top_p=float(top_p), vocab_size=vocab_size,
@@ -197,7 +197,7 @@ def _main(argv):
   try:
     config, tokenizer, model, params, step, _ = evaluate.restore_for_inference(
         flag_values.workdir, flag_values.step, log=lambda m: print(m, file=sys.stderr))
-  except checkpoint.CheckpointError as error:
+  except checkpoint.ERRORS as error:
     sys.exit(f'error: {error}')
   if config.task != 'lm':
     sys.exit(f"error: {flag_values.workdir} trained task={config.task!r} "

@@ -23,6 +23,7 @@ import numpy as np
 from lmjax import classification_metrics
 from lmjax import models
 from lmjax import sharding
+from lmjax import watchdog
 from lmjax import steps
 from lmjax.data import labelled
 from lmjax.data import pipeline
@@ -168,6 +169,7 @@ def evaluate_classifier(outputs_fn, params, split: labelled.LabelledSplit, batch
   with sharding.rules_and_mesh(mesh):
     for local in batches:
       gathered.append(jax.device_get(outputs_fn(params, sharding.make_global_batch(local, mesh))))
+      watchdog.beat()
   outputs = {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]}
   keep = outputs['weights'] > 0
   result = classification_metrics.classification_metrics(

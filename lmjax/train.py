@@ -24,6 +24,7 @@ from lmjax import cpu_host
 from lmjax import distributed
 from lmjax import fs
 from lmjax import finetune
+from lmjax import locks
 from lmjax import metrics as metrics_lib
 from lmjax import models
 from lmjax import sample
@@ -31,6 +32,7 @@ from lmjax import sharding
 from lmjax import steps
 from lmjax import tasks
 from lmjax import train_state
+from lmjax import watchdog
 from lmjax.data import pipeline
 from lmjax.data import tokenizers
 
@@ -134,7 +136,7 @@ class _Run:
     state = self.global_state()
     if self.plan is None or state.frozen is None:
       return state.params
-    return _jit_assemble(self.plan)(state.params, state.frozen)
+    return cpu_host.settle(_jit_assemble(self.plan)(state.params, state.frozen))
 
   def global_state(self):
     """The state as global arrays on the mesh (a pmap run keeps a replicated copy
@@ -150,15 +152,24 @@ class _Run:
     self.best_loss = result['loss']
     best = checkpoint.best_manager(self.workdir)
     self.save(step, best, metrics=result)
-    best.wait_until_finished()
+    with checkpoint.save_errors(best, step):
+      best.wait_until_finished()
     best.close()
 
   def save(self, step: int, checkpoints=None, metrics: dict | None = None) -> None:
-    """Saves `step` (state, config, tokenizer) to `checkpoints` (the run's manager)."""
-    checkpoint.save(checkpoints or self.checkpoints, step,
-                    self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
-                    json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json(),
-                    metrics=metrics)
+    """Saves `step` (state, config, tokenizer) to `checkpoints` (the run's manager).
+    Saves are asynchronous: a failure of the one before surfaces here."""
+    checkpoints = checkpoints or self.checkpoints
+    with checkpoint.save_errors(checkpoints, step):
+      checkpoint.save(checkpoints, step,
+                      self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
+                      json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json(),
+                      metrics=metrics)
+
+  def finish_saves(self) -> None:
+    """Waits for the asynchronous save in flight; its failure is a clear error."""
+    with checkpoint.save_errors(self.checkpoints, self.checkpoints.latest_step()):
+      self.checkpoints.wait_until_finished()
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,10 +190,16 @@ def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, model_
   if pretrained is not None:
     backbone = finetune.restore_backbone(pretrained, finetune.subtree(model_params, plan.prefix))
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    checkpoint.check_tokenizer(checkpoints, latest, tokenizer)
-    state = checkpoint.restore_state(checkpoints, latest, abstract.replace(frozen=None))
+  restored = None
+  if checkpoints.all_steps():
+    def read(candidates, step):
+      checkpoint.check_tokenizer(candidates, step, tokenizer)
+      return checkpoint.restore_state(candidates, step, abstract.replace(frozen=None))
+
+    restored = checkpoint.resume_point(workdir, read, _log)
+    checkpoints.reload()  # damaged steps may have been moved aside
+  if restored is not None:
+    latest, state = restored
     if abstract.frozen is not None:  # LoRA: every pre-trained parameter is frozen
       state = state.replace(frozen=finetune.nest(plan.prefix, backbone))
     _log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
@@ -412,7 +429,8 @@ class _Preemption:
 preemption = _Preemption()
 
 
-def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
+def _train(run: _Run, writer: metrics_lib.MetricWriter,
+           guard: watchdog.Watchdog) -> tuple[int, float]:
   """Runs the steps from the state's step to the last one; returns (start step, seconds).
 
   The record of step N holds the mean train metrics of steps N - log_every + 1 .. N
@@ -437,9 +455,11 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
 
   pmap = config.parallelism == 'pmap'
   for step in range(start_step, last_step):
-    batch = next(batches) if pmap else sharding.make_global_batch(next(batches), mesh)
-    with sharding.rules_and_mesh(None if pmap else mesh):
-      run.state, step_metrics = run.train_step(run.state, batch, dropout_rng)
+    first = 4 * config.train.phase_timeout_s if step == start_step else None  # compiles
+    with guard.phase('train step', step + 1, first):
+      batch = next(batches) if pmap else sharding.make_global_batch(next(batches), mesh)
+      with sharding.rules_and_mesh(None if pmap else mesh):
+        run.state, step_metrics = cpu_host.settle(run.train_step(run.state, batch, dropout_rng))
     progress.add(step, step_metrics)
     done, is_last = step + 1, step + 1 == last_step
     steps_timed += 1
@@ -450,66 +470,92 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter) -> tuple[int, float]:
       progress.throughput(0)
       steps_timed = 0
     if step > start_step and step % log_every == 0:  # Step `step` has finished: log it.
-      progress.fetch(keep_last=True)
+      with guard.phase('train step', step):
+        progress.fetch(keep_last=True)
       write(step, _train_record(progress, step, last_step, steps_timed - 1))
       steps_timed = 1
     if config.train.eval_every and done % config.train.eval_every == 0 and not is_last:
-      jax.block_until_ready(run.state)  # The step in flight is training time.
+      with guard.phase('train step', done):
+        jax.block_until_ready(run.state)  # The step in flight is training time.
       eval_start = time.perf_counter()
-      result = run.evaluate(run.model_params(), config.train.eval_batches)
+      with guard.phase('evaluation', done):
+        result = run.evaluate(run.model_params(), config.train.eval_batches)
       eval_records[done] = {f'eval/{k}': v for k, v in result.items()}
       run.keep_if_best(done, result)
       _log(f'step {done}: eval {tasks.describe(result)}')
       if done % log_every:
         write(done, {})
       progress.exclude(time.perf_counter() - eval_start)  # Evaluation is not training time.
-    preempted = preemption.reached(done, run.checkpoints)
+    with guard.phase('preemption check', done):
+      preempted = preemption.reached(done, run.checkpoints)
     if done % config.checkpoint.every == 0 or is_last or preempted:
-      progress.fetch(keep_last=False)  # Never save a state whose loss went non-finite.
+      with guard.phase('train step', done):
+        progress.fetch(keep_last=False)  # Never save a state whose loss went non-finite.
       save_start = time.perf_counter()
-      run.save(done)
+      with guard.phase('save', done):
+        run.save(done)
       progress.exclude(time.perf_counter() - save_start)
     if preempted:
-      run.checkpoints.wait_until_finished()
+      with guard.phase('save', done):
+        run.finish_saves()
       _log(f'preempted (SIGTERM): saved a checkpoint at step {done}; exiting with status '
            f'{PREEMPTED_EXIT_CODE}; start the same command again to resume')
       raise Preempted(done)
   if last_step > start_step:
-    progress.fetch(keep_last=False)
+    with guard.phase('train step', last_step):
+      progress.fetch(keep_last=False)
     write(last_step, _train_record(progress, last_step, last_step, steps_timed))
   return start_step, time.perf_counter() - run_start
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.num_steps` (or `stop_at`), then evaluates the
-  whole evaluation split and prints a sample; returns the final evaluation."""
-  run = _setup(config, workdir)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  preemption.install()
+  whole evaluation split and prints a sample; returns the final evaluation. Process 0
+  holds the workdir's lock (WORKDIR/lock) throughout: a second run on the same
+  workdir is refused with locks.LockError naming the holder."""
+  lock = locks.Lock(fs.absolute(workdir), 'lock', 'another training run')
+  if jax.process_index() == 0:
+    lock.acquire()
+  guard = watchdog.Watchdog(config.train.phase_timeout_s, config.train.sigterm_grace_s)
   try:
-    start_step, seconds = _train(run, writer)
+    preemption.install()
+    with guard:
+      return _train_and_evaluate(config, workdir, guard)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
+  with guard.phase('setup', 0, 4 * config.train.phase_timeout_s):
+    run = _setup(config, workdir)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  try:
+    start_step, seconds = _train(run, writer, guard)
   except Preempted:
     writer.close()
     run.checkpoints.close()
     raise
-  run.checkpoints.wait_until_finished()
+  final_step = int(_host_copy(run.state.step))
+  with guard.phase('save', final_step):
+    run.finish_saves()
   run.state = run.global_state()
-  final_step = int(jax.device_get(run.state.step))
   if final_step > start_step:
     _log(f'trained steps {start_step + 1}..{final_step} in {seconds:.1f}s; checkpoint saved '
          f'at step {final_step}')
   else:
     _log(f'already trained to step {final_step}; evaluating the latest checkpoint')
-  params = run.model_params()
-  result = run.evaluate(params, config.train.final_eval_batches)
+  with guard.phase('final evaluation', final_step):
+    params = run.model_params()
+    result = run.evaluate(params, config.train.final_eval_batches)
   result[run.data.baseline_key] = run.data.baseline
   writer.write(final_step, {f'final_eval/{k}': v for k, v in result.items()})
   writer.close()
   _log(f'final eval ({config.data.eval_split}): {tasks.describe(result)} '
        f'({run.data.baseline_name} {run.data.baseline:.3f})')
   if config.sample.max_new_tokens > 0 and config.task == 'lm':
-    text = sample.sample_text(params, run.model, run.tokenizer, config.sample,
-                              clean_config=config.data.clean)[0]
+    with guard.phase('sampling', final_step):
+      text = sample.sample_text(params, run.model, run.tokenizer, config.sample,
+                                clean_config=config.data.clean)[0]
     _log(f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
          f'---\n{text}\n---')
   run.checkpoints.close()
@@ -533,9 +579,11 @@ def _main(argv):
     train_and_evaluate(flag_values.config, flag_values.workdir)
   except Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
-  except (config_lib.ConfigError, ValueError, checkpoint.CheckpointError,
-          FloatingPointError, distributed.DistributedError) as error:
-    print(f'error: {error}', file=sys.stderr)
+  except (config_lib.ConfigError, ValueError, *checkpoint.ERRORS, locks.LockError,
+          FloatingPointError, distributed.DistributedError, OSError) as error:
+    if not checkpoint.is_disk_full(error) and isinstance(error, OSError):
+      raise
+    print(f'error: {checkpoint.describe_failure(error, flag_values.workdir)}', file=sys.stderr)
     sys.exit(1)
 
 

@@ -70,6 +70,29 @@ def test_prompts_of_different_lengths_decode_like_each_alone(family):
     np.testing.assert_array_equal(row, alone[0])
 
 
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_prompts_of_different_lengths_decode_past_a_learned_context(use_cache):
+  # Prompt + new tokens exceed the learned positions' context, so generation
+  # recomputes over the last CONTEXT tokens (as `lmjax.sample` does for
+  # --max_new_tokens past the context); a batch of prompts of any lengths
+  # decodes as each prompt alone.
+  model, params = random_model(positions='learned')
+  prompts = [PROMPT, PROMPT[:2], np.array([11, 3, 5, 8, 2, 6, 30, 12], np.int32)]
+  new_tokens = 2 * CONTEXT
+  together = sample.generate(params, model, prompts, new_tokens, vocab_size=VOCAB,
+                             temperature=0.0, use_cache=use_cache)
+  assert together.shape == (3, new_tokens)
+  for prompt, row in zip(prompts, together):
+    alone = sample.generate(params, model, prompt, new_tokens, vocab_size=VOCAB,
+                            temperature=0.0, use_cache=False)
+    np.testing.assert_array_equal(row, alone[0])
+  # Within the context, the recomputation agrees with the key/value cache.
+  short = sample.generate(params, model, prompts, 8, vocab_size=VOCAB, temperature=0.0,
+                          use_cache=False)
+  np.testing.assert_array_equal(short, sample.generate(params, model, prompts, 8,
+                                                       vocab_size=VOCAB, temperature=0.0))
+
+
 def test_recurrent_greedy_decoding_matches_reading_the_whole_sequence():
   model, params = random_model('gru', scale=5.0)
   out = sample.generate(params, model, PROMPT, 6, vocab_size=VOCAB, temperature=0.0)[0]

@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - the dependency is declared in pyprojec
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from lmjax import locks
+
 # tf.data only feeds the host: keep TensorFlow off the accelerators JAX uses.
 for _kind in ('GPU', 'TPU'):
   if tf.config.list_physical_devices(_kind):
@@ -127,11 +129,19 @@ def _prepare(builder, data_config) -> None:
                       f'data.download is False. {how_to}')
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None,
                                                  try_download_gcs=False)
-  try:
-    builder.download_and_prepare(download_config=download_config)
-  except Exception as error:  # tfds raises many kinds; say what to do.
-    raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
-                      f'could not be built ({type(error).__name__}: {error}). {how_to}') from error
+  # Processes of one job (or two runs) that find the corpus unprepared would
+  # each build it and race on tfds's final rename: one builds, the others wait
+  # and then read what it built.
+  with locks.Lock(os.path.dirname(builder.data_dir), '.lmjax-prepare.lock',
+                  f'the build of tfds corpus {name!r}', wait=True):
+    if builder.is_prepared():
+      return
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except Exception as error:  # tfds raises many kinds; say what to do.
+      raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+                        f'could not be built ({type(error).__name__}: {error}). {how_to}'
+                        ) from error
 
 
 def tfds_examples(data_config, split: str, keys) -> tuple[tf.data.Dataset, Any]:
