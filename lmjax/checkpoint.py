@@ -10,7 +10,6 @@ the parameter shapes against the configured model, then the state is restored
 straight into its sharded layout.
 """
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax import fs
+from lmjax import storage
 from lmjax.data import tokenizers
 
 ITEMS = ('state', 'config', 'tokenizer')
@@ -70,62 +70,13 @@ ERRORS = (CheckpointError, CheckpointIOError)  # what entry points report as `er
 IO_ATTEMPTS = 3  # reads of a step that fail with an I/O error are tried this often
 RETRY_DELAY_S = 1.0  # before the second attempt; doubled before each later one
 
-# Words of storage failures (not damage) in TensorStore's, TensorFlow's and the OS's
-# messages. NOT_FOUND and DATA_LOSS are damage: the step is incomplete or corrupt.
-_IO_WORDS = ('PERMISSION_DENIED', 'Permission denied', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
-             'RESOURCE_EXHAUSTED', 'No space left', 'Input/output error', 'Connection reset',
-             'timed out', 'UNAUTHENTICATED')
-_IO_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOSPC, errno.ETIMEDOUT,
-              errno.ECONNRESET, errno.EDQUOT, errno.EROFS)
-
-
-def _chain(error):
-  while error is not None:
-    yield error
-    error = error.__cause__ or error.__context__
-
-
-def is_io_failure(error: BaseException) -> bool:
-  """Whether `error` (or one it came from) is the storage failing rather than a
-  missing or corrupt file."""
-  for link in _chain(error):
-    if isinstance(link, (PermissionError, TimeoutError, ConnectionError)):
-      return True
-    if isinstance(link, OSError) and link.errno in _IO_ERRNOS:
-      return True
-    if any(word in str(link) for word in _IO_WORDS):
-      return True
-  return False
-
-
-def is_disk_full(error: BaseException) -> bool:
-  return any((isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT)) or
-             'RESOURCE_EXHAUSTED' in str(link) or 'No space left' in str(link)
-             for link in _chain(error))
-
-
-_STATUS = re.compile(r'\b[A-Z]+(?:_[A-Z]+)*: ')  # 'PERMISSION_DENIED: ...' (absl status codes)
-
-
-def brief(error: BaseException, limit: int = 240) -> str:
-  """One line for `error`: the most telling message of its chain (the first with an
-  absl status code such as PERMISSION_DENIED, else the root cause), without the
-  TensorStore spec (hundreds of lines) and source locations it appends."""
-  links = list(_chain(error))
-  chosen = next((link for link in links if _STATUS.search(str(link))), links[-1])
-  text = str(chosen)
-  for marker in (' [tensorstore_spec=', ' [source locations=', ' See full TensorStore', '\n'):
-    text = text.split(marker)[0]
-  text = text.strip() or type(chosen).__name__
-  return f'{type(chosen).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
-
-
 def describe_failure(error: BaseException, workdir: str = '') -> str:
   """The message of an error an entry point reports; a full disk, wherever it
   surfaced (a checkpoint, metrics.jsonl, TensorBoard), says so in one line."""
-  if is_disk_full(error) and not isinstance(error, CheckpointIOError):
-    return (f'disk full: cannot write to {workdir or "the workdir"} ({brief(error)}). Free '
-            'space there or use another --workdir; the checkpoints already written are intact')
+  if storage.is_disk_full(error) and not isinstance(error, CheckpointIOError):
+    return (f'disk full: cannot write to {workdir or "the workdir"} ({storage.brief(error)}). '
+            'Free space there or use another --workdir; the checkpoints already written are '
+            'intact')
   return str(error)
 
 
@@ -137,19 +88,20 @@ def save_errors(checkpoints, step):
   try:
     yield
   except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
-    if not is_io_failure(error):
+    if not storage.is_io_failure(error):
       raise
     failed = re.search(r'/(\d+)\.orbax-checkpoint-tmp',  # the save in flight
-                       ' '.join(str(link) for link in _chain(error)))
+                       ' '.join(str(link) for link in storage.chain(error)))
     step = int(failed.group(1)) if failed else step
     path = _step_path(checkpoints, step)
     kept = [s for s in checkpoints.all_steps() if s != step]
     previous = f'step {max(kept)}' if kept else 'none'
-    cause = 'disk full' if is_disk_full(error) else 'storage error'
+    cause = 'disk full' if storage.is_disk_full(error) else 'storage error'
     raise CheckpointIOError(
-        f'{cause}: could not write checkpoint step {step} to {path} ({brief(error)}). The '
-        f'checkpoints already written are intact (newest: {previous}). Free space or fix '
-        'access there, or use another --workdir; then run again to resume') from error
+        f'{cause}: could not write checkpoint step {step} to {path} '
+        f'({storage.brief(error)}). The checkpoints already written are intact (newest: '
+        f'{previous}). Free space or fix access there, or use another --workdir; then run '
+        'again to resume') from error
 
 
 def _attempt(read, step: int, path: str, what: str):
@@ -160,14 +112,14 @@ def _attempt(read, step: int, path: str, what: str):
     except CheckpointError:
       raise
     except Exception as error:  # noqa: BLE001 - Orbax, TensorStore and the OS raise many kinds
-      if not is_io_failure(error):
+      if not storage.is_io_failure(error):
         raise CheckpointDamaged(f'checkpoint step {step} at {path} is damaged: cannot read '
-                                f'{what} ({brief(error)})') from error
+                                f'{what} ({storage.brief(error)})') from error
       if attempt + 1 == IO_ATTEMPTS:
         raise CheckpointIOError(
             f'checkpoint step {step} at {path}: reading {what} failed {IO_ATTEMPTS} times with '
-            f'a storage error ({brief(error)}). That is not damage, so no older step was '
-            'used: fix access to the storage (permissions, network, space) and run again'
+            f'a storage error ({storage.brief(error)}). That is not damage, so no older step '
+            'was used: fix access to the storage (permissions, network, space) and run again'
             ) from error
       time.sleep(RETRY_DELAY_S * 2**attempt)
   raise AssertionError('unreachable')

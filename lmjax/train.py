@@ -526,8 +526,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
-  with guard.phase('setup', 0, 4 * config.train.phase_timeout_s):
-    run = _setup(config, workdir)
+  run = _setup(config, workdir)  # unbounded: preparing data may take long
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     start_step, seconds = _train(run, writer, guard)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from lmjax import checkpoint, locks, train
+from lmjax import checkpoint, locks, storage, train
 
 STEPS = dict(**{'train.num_steps': 20, 'checkpoint.every': 10, 'train.eval_every': 0,
                 'train.log_every': 10, 'sample.max_new_tokens': 0,
@@ -155,15 +155,15 @@ def test_a_step_directory_replaced_by_a_dangling_link_is_skipped(run_dir, tmp_pa
 
 
 def test_storage_errors_and_damage_are_told_apart():
-  assert checkpoint.is_io_failure(PermissionError(13, 'Permission denied'))
-  assert checkpoint.is_io_failure(ValueError('PERMISSION_DENIED: Error opening file'))
-  assert checkpoint.is_io_failure(ValueError('DEADLINE_EXCEEDED: read timed out'))
-  assert not checkpoint.is_io_failure(FileNotFoundError(2, 'No such file'))
-  assert not checkpoint.is_io_failure(ValueError('DATA_LOSS: Error reading local file'))
-  assert checkpoint.is_disk_full(OSError(28, 'No space left on device'))
-  assert checkpoint.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Error writing "x/0"'))
+  assert storage.is_io_failure(PermissionError(13, 'Permission denied'))
+  assert storage.is_io_failure(ValueError('PERMISSION_DENIED: Error opening file'))
+  assert storage.is_io_failure(ValueError('DEADLINE_EXCEEDED: read timed out'))
+  assert not storage.is_io_failure(FileNotFoundError(2, 'No such file'))
+  assert not storage.is_io_failure(ValueError('DATA_LOSS: Error reading local file'))
+  assert storage.is_disk_full(OSError(28, 'No space left on device'))
+  assert storage.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Error writing "x/0"'))
   spec = 'x' * 5000
-  short = checkpoint.brief(ValueError(f'NOT_FOUND: missing [tensorstore_spec=\'{spec}\']'))
+  short = storage.brief(ValueError(f'NOT_FOUND: missing [tensorstore_spec=\'{spec}\']'))
   assert short == 'ValueError: NOT_FOUND: missing'
 
 

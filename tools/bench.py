@@ -38,6 +38,11 @@ flags.DEFINE_enum('suite', '', ['', 'cpu'], 'Run a whole suite of workloads inst
 
 SUITES = {'cpu': [  # (name, arguments)
     ('shakespeare_char step', ['--config', 'configs/shakespeare_char.py', '--steps', '100']),
+    ('shakespeare_char step, one device per core', [
+        '--config', 'configs/shakespeare_char.py', '--steps', '100', '--config.cpu_devices=-1']),
+    ('default config step', ['--config', 'configs/default.py', '--steps', '100']),
+    ('default config step, one device per core', [
+        '--config', 'configs/default.py', '--steps', '100', '--config.cpu_devices=-1']),
     ('transformer 6L/6H/384, context 256, batch 16', [
         '--config', 'configs/shakespeare_char.py', '--steps', '10',
         '--config.model.num_layers=6', '--config.model.num_heads=6',
