@@ -23,8 +23,8 @@ import numpy as np
 from lmjax import classification_metrics
 from lmjax import models
 from lmjax import sharding
-from lmjax import watchdog
 from lmjax import steps
+from lmjax import watchdog
 from lmjax.data import labelled
 from lmjax.data import pipeline
 
