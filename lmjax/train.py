@@ -30,6 +30,7 @@ from lmjax import models
 from lmjax import sample
 from lmjax import sharding
 from lmjax import steps
+from lmjax import storage
 from lmjax import tasks
 from lmjax import train_state
 from lmjax import watchdog
@@ -580,7 +581,7 @@ def _main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
   except (config_lib.ConfigError, ValueError, *checkpoint.ERRORS, locks.LockError,
           FloatingPointError, distributed.DistributedError, OSError) as error:
-    if not checkpoint.is_disk_full(error) and isinstance(error, OSError):
+    if not storage.is_disk_full(error) and isinstance(error, OSError):
       raise
     print(f'error: {checkpoint.describe_failure(error, flag_values.workdir)}', file=sys.stderr)
     sys.exit(1)

@@ -165,3 +165,30 @@ def test_many_files_carve_disjoint_splits_and_a_missing_split_is_named(corpus_di
   no_test = data_config(name='files', files=str(corpus_dir / '*.txt'))
   with pytest.raises(corpora.CorpusError, match="no 'test' split: set data.test_files"):
     corpora.local_files(no_test, 'test')
+
+
+_PREPARE = '''
+import sys
+from lmjax import config as config_lib
+from lmjax.data import pipeline
+c = config_lib.base_config().data
+c.name, c.data_dir, c.manual_dir = 'tiny_shakespeare', sys.argv[1], sys.argv[2]
+print(len(list(pipeline.texts(c, 'validation'))))
+'''
+
+
+@pytest.mark.slow
+def test_processes_that_find_a_corpus_unprepared_build_it_once(tmp_path):
+  # Two processes of one job (local_pod) used to build it both and race on tfds's
+  # final rename: FileExistsError in one of them.
+  import subprocess
+  import sys
+  from conftest import REPO
+  workers = [subprocess.Popen([sys.executable, '-c', _PREPARE, str(tmp_path),
+                               str(SHAKESPEARE_DIR)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  for worker in workers:
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == '1'
+  assert (tmp_path / 'tiny_shakespeare').is_dir()

@@ -1,4 +1,4 @@
-"""Tokenizers: bytes, characters and sentencepiece.
+"""Tokenizers: bytes, characters, words and sentencepiece.
 
 Each tokenizer is fully described by `to_json()` (the sentencepiece model is
 embedded), which lmjax saves in the workdir and inside every checkpoint, so
