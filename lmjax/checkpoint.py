@@ -19,6 +19,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from lmjax import config as config_lib
 from lmjax import fs
 from lmjax import storage
 from lmjax.data import tokenizers
@@ -314,7 +315,6 @@ def check_intact(checkpoints, step: int) -> None:
 
 def read_run(checkpoints, step: int):
   """(config, tokenizer) that `step` was trained with."""
-  from lmjax import config as config_lib
   config = config_lib.from_json(read_json(checkpoints, step, 'config'))
   return config, tokenizers.from_json(read_json(checkpoints, step, 'tokenizer'))
 

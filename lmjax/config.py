@@ -116,7 +116,7 @@ def from_json(text_or_dict) -> ml_collections.ConfigDict:
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> str:
-  from lmjax import fs
+  from lmjax import fs  # here, not at the top: loading a config needs no TensorFlow
   path = os.path.join(workdir, 'config.json')
   with fs.open(path, 'w') as f:
     f.write(to_json(config) + '\n')

@@ -33,6 +33,11 @@ import math
 import os
 import sys
 
+import jax
+
+from lmjax import sharding
+from lmjax.models import recurrent
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 1 << 30  # blocks below this come from (and return to) the heap
 TRIM_THRESHOLD = 2 << 30  # free memory kept at the top of the heap
@@ -69,8 +74,6 @@ def cpu_device_count(config, cores: int) -> int:
   One device per core ran a shakespeare_char step in 38.6 ms against 40-42 on
   one device (5 %), but puts in-process collectives in every step; one device
   has none, so a slow moment on a loaded machine can only cost time."""
-  from lmjax import sharding
-  from lmjax.models import recurrent
   if config.cpu_devices > 0:
     return int(config.cpu_devices)
   sizes = [int(config.mesh[axis]) for axis in sharding.MESH_AXES]
@@ -85,18 +88,18 @@ def cpu_device_count(config, cores: int) -> int:
 
 
 def split_cpu_host(config, multi_process: bool = False) -> int | None:
-  """Splits the CPU backend into `cpu_device_count` devices (via XLA_FLAGS, before
-  JAX starts its backends). Leaves alone an explicit
+  """Splits the CPU backend into `cpu_device_count` devices (`jax_num_cpu_devices`,
+  before JAX starts its backends). Leaves alone an explicit
   --xla_force_host_platform_device_count, multi-process runs (whose launchers
   choose), and a backend that has already started. Returns the count set, if any."""
-  from jax._src import xla_bridge
-  flags = os.environ.get('XLA_FLAGS', '')
-  if ('xla_force_host_platform_device_count' in flags or multi_process
-      or xla_bridge.backends_are_initialized()):
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '') or multi_process:
     return None
   count = cpu_device_count(config, len(os.sched_getaffinity(0)))
   if count > 1:
-    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()
+    try:
+      jax.config.update('jax_num_cpu_devices', count)
+    except RuntimeError:  # JAX refuses once a backend has started: too late to split
+      return None
   return count
 
 
@@ -109,7 +112,6 @@ def _patient_rendezvous() -> None:
 
 @functools.cache
 def _several_cpu_devices() -> bool:
-  import jax
   return jax.default_backend() == 'cpu' and jax.local_device_count() > 1
 
 
@@ -117,7 +119,6 @@ def settle(tree):
   """`tree` (a program's outputs), after waiting for it when this process runs
   several CPU devices (see the module docstring); at once otherwise."""
   if _several_cpu_devices():
-    import jax
     jax.block_until_ready(tree)
   return tree
 
@@ -125,7 +126,6 @@ def settle(tree):
 def prepare(config=None, multi_process: bool = False) -> int | None:
   """The settings of the module docstring, before JAX starts its backends; the
   host is split only for a training `config`. Returns `split_cpu_host`'s count."""
-  import jax
   retain_freed_memory()
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   count = None if config is None else split_cpu_host(config, multi_process)

@@ -13,6 +13,7 @@ import os
 import sys
 
 import jax
+from absl import flags
 
 
 class DistributedError(RuntimeError):
@@ -67,7 +68,6 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
 
 def define_flags() -> None:
   """The multi-process flags every entry point takes (absl)."""
-  from absl import flags
   flags.DEFINE_string('coordinator_address', '', 'Multi-process: host:port of process 0 '
                       '(or $LMJAX_COORDINATOR_ADDRESS; automatic on Cloud TPU VM slices).')
   flags.DEFINE_integer('num_processes', 0, 'Multi-process: number of processes.')
@@ -77,7 +77,6 @@ def define_flags() -> None:
 
 def initialize_from_flags() -> bool:
   """`initialize` with the values of the flags `define_flags` defined."""
-  from absl import flags
   values = flags.FLAGS
   return initialize(values.coordinator_address, values.num_processes, values.process_id,
                     values.distributed_timeout)

@@ -1,67 +1,32 @@
-"""Evaluation: loss, perplexity, bits per byte and token accuracy over a split."""
-import functools
+"""Restoring a run anywhere, and the `lmjax.evaluate` command: metrics of a
+checkpoint over any split, under the checkpoint's own tokenizer and cleaning.
+
+    python -m lmjax.evaluate --workdir DIR [--step latest|best|N] [--split ...]
+"""
+import json
+import os
+import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec
+import ml_collections
+from absl import app, flags
 
+from lmjax import checkpoint
+from lmjax import config as config_lib
 from lmjax import cpu_host
-from lmjax import metrics as metrics_lib
+from lmjax import distributed
+from lmjax import finetune
 from lmjax import sharding
-from lmjax import steps
-from lmjax import watchdog
-from lmjax.data import pipeline
-from lmjax.models import recurrent
+from lmjax import tasks
+from lmjax import train_state
+from lmjax.data import corpora
 
-
-def make_eval_fn(model, tokenizer, param_shardings, mesh):
-  """A jitted eval step for `model`: (params, batch, carry) -> (metric sums, carry)."""
-  token_bytes = np.zeros(model.vocab_size, np.int32)
-  token_bytes[:tokenizer.vocab_size] = tokenizer.token_bytes()
-  step = functools.partial(steps.eval_step, model=model, token_bytes=jnp.asarray(token_bytes))
-  batch_sharding = sharding.batch_sharding(mesh)
-  carry_sharding = sharding.logical_to_sharding(PartitionSpec(*recurrent.CARRY_AXES), mesh)
-  return jax.jit(step, in_shardings=(param_shardings, batch_sharding, carry_sharding),
-                 out_shardings=(sharding.replicated(mesh), carry_sharding))
-
-
-def evaluate(eval_fn, params, stream: pipeline.TokenStream, seq_len: int, batch_size: int,
-             mesh, max_batches: int = -1, layout: str = 'windows', model=None,
-             carry: bool = False, masking: pipeline.Masking | None = None,
-             seed: int = 0) -> dict:
-  """Metrics over the split (or its first `max_batches` batches), every token once.
-  With `carry`, a recurrent `model` carries its state from batch to batch over
-  the split's contiguous rows (the standard protocol for stateful models). With
-  `masking` (the masked-LM objective), the metrics are those of the masked
-  positions, drawn the same way in every evaluation."""
-  totals = None
-  state = recurrent.initial_carry(model, batch_size) if carry else None
-  batches = pipeline.eval_batches(stream, seq_len, batch_size, max_batches,
-                                  jax.process_index(), jax.process_count(), layout,
-                                  masking, seed)
-  with sharding.rules_and_mesh(mesh):
-    for local in batches:
-      sums, new_state = cpu_host.settle(
-          eval_fn(params, sharding.make_global_batch(local, mesh), state))
-      if carry:
-        state = new_state
-      totals = sums if totals is None else cpu_host.settle(jax.tree.map(jnp.add, totals, sums))
-      watchdog.beat()
-  return metrics_lib.summarize(jax.device_get(totals))
-
-
-# ----------------------------------------------------------------------------
-# Restoring a run anywhere, and the `lmjax.evaluate` command.
 
 def restore_for_inference(workdir: str, step: str = 'latest', log=print):
   """Everything evaluation and sampling need from a checkpoint directory alone:
   (config, tokenizer, model, params, step, mesh). Only the parameters are read,
   onto a data-parallel mesh over the devices present, whatever mesh wrote them.
   A LoRA run's adapters are merged into its base, read from its init_from."""
-  import ml_collections
-
-  from lmjax import checkpoint, tasks
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
 
   def read(checkpoints, chosen):
@@ -76,7 +41,6 @@ def restore_for_inference(workdir: str, step: str = 'latest', log=print):
 
 
 def _restore_model_params(config, model, checkpoints, step: int, mesh, log):
-  from lmjax import checkpoint, finetune, train_state
   abstract = train_state.abstract_params(model, config.data.seq_len, mesh)
   plan = finetune.plan_for(config, model)
   if plan is None or plan.mode != 'lora':
@@ -96,7 +60,6 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', split: str | None = 
   accuracy, tokens and bytes of a language model (mlm: of the masked
   positions); accuracy, precision, recall, F1 and ROC AUC of a classifier,
   exact over the whole split."""
-  from lmjax import tasks, train_state
   config, tokenizer, model, params, chosen, mesh = restore_for_inference(workdir, step, log)
   data = config.data
   for key, value in (data_overrides or {}).items():
@@ -117,7 +80,6 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', split: str | None = 
 
 def _data_overrides(argv) -> dict:
   """`--data.key=value` arguments, typed like the config's own data fields."""
-  from lmjax import config as config_lib
   defaults = config_lib.base_config().data
   overrides = {}
   for arg in argv:
@@ -133,13 +95,6 @@ def _data_overrides(argv) -> dict:
 
 
 def _main(argv):
-  import json
-  import sys
-
-  from absl import flags
-
-  from lmjax import checkpoint, config as config_lib, cpu_host, distributed
-  from lmjax.data import corpora
   checkpoint.quiet_logs()
   cpu_host.prepare()
   flag_values = flags.FLAGS
@@ -166,11 +121,6 @@ _DATA_ARGS: list = []
 def run():
   """Console entry point: `python -m lmjax.evaluate --workdir DIR [--step latest|best|N]
   [--split validation|test|...] [--data.KEY=VALUE ...] [--output FILE.json]`."""
-  import sys
-
-  from absl import app, flags
-
-  from lmjax import distributed
   _DATA_ARGS[:] = [a for a in sys.argv[1:] if a.startswith('--data.')]
   argv = [a for a in sys.argv if not a.startswith('--data.')]
   flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
@@ -184,6 +134,5 @@ def run():
 
 
 if __name__ == '__main__':
-  import os
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   run()

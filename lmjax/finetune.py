@@ -34,6 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from lmjax import checkpoint
+from lmjax import train_state
+from lmjax.data import tokenizers
+
 MODES = ('full', 'frozen', 'lora')
 
 
@@ -186,6 +190,10 @@ class Plan:
     return ({'lora': _unflatten(adapters), 'new': new},
             {'lora': _unflatten(adapter_specs), 'new': new_specs}, frozen, frozen_specs)
 
+  def place_pretrained(self, params, pretrained):
+    """`params` with the pre-trained tree at the plan's prefix."""
+    return with_subtree(params, self.prefix, pretrained)
+
   def split_values(self, params, rng):
     """(trainable, frozen) values from a full parameter tree. LoRA's A is drawn
     from `rng` with std 1/sqrt(rows), B is zero."""
@@ -221,7 +229,6 @@ def plan_for(config, model) -> Plan | None:
   """The run's fine-tuning plan (None without init_from)."""
   if not config.init_from:
     return None
-  from lmjax import train_state
   params, specs = train_state.params_and_specs(model, config.data.seq_len)
   prefix = backbone_prefix(model)
   return Plan.for_model(config.finetune, prefix, pretrained_names(params, prefix), params, specs)
@@ -246,7 +253,6 @@ class Pretrained:
 def open_pretrained(init_from: str, log=print) -> Pretrained:
   """The checkpoint of `init_from` (the newest intact one for 'latest'), with the
   config and tokenizer it was trained with."""
-  from lmjax import checkpoint
   workdir, step = parse_init_from(init_from)
   checkpoints, chosen, (config, tokenizer) = checkpoint.newest_intact(
       workdir, step, checkpoint.read_run, log, what='init_from: ')
@@ -256,7 +262,6 @@ def open_pretrained(init_from: str, log=print) -> Pretrained:
 def check_tokenizer_config(pretrained: Pretrained, tokenizer_config) -> None:
   """The run fine-tunes with the pre-trained tokenizer: a config asking for
   another kind, or another sentencepiece model, is an error."""
-  from lmjax.data import tokenizers
   saved = pretrained.tokenizer
   if tokenizer_config.kind != saved.kind:
     raise tokenizers.TokenizerError(
@@ -277,7 +282,6 @@ def restore_backbone(pretrained: Pretrained, abstract_backbone):
   `abstract_backbone` (the model's tree at its prefix); parameters the
   checkpoint has beyond them (an LM's output layer) are not read. A shape that
   differs raises CheckpointError naming every difference."""
-  from lmjax import checkpoint
   try:
     return checkpoint.restore_params(pretrained.checkpoints, pretrained.step, abstract_backbone,
                                      allow_unused=True)

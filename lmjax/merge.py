@@ -13,6 +13,7 @@ import json
 import sys
 
 import jax
+from absl import app, flags
 
 from lmjax import checkpoint
 from lmjax import config as config_lib
@@ -39,7 +40,6 @@ def merge(workdir: str, output: str, step: str = 'latest', log=print) -> int:
 
 
 def _main(argv):
-  from absl import flags
   del argv
   checkpoint.quiet_logs()
   values = flags.FLAGS
@@ -52,7 +52,6 @@ def _main(argv):
 
 
 def run():
-  from absl import app, flags
   flags.DEFINE_string('workdir', None, 'The LoRA run.', required=True)
   flags.DEFINE_string('output', None, 'Directory to write the merged checkpoint to.',
                       required=True)

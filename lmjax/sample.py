@@ -17,10 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from absl import app, flags
+
+from lmjax import checkpoint
+from lmjax import cpu_host
+from lmjax import evaluate
 from lmjax.data import cleaning
+from lmjax.models import recurrent as recurrent_lib
 
 
-def _filter_logits(logits, temperature: float, top_k: int, vocab_size: int, top_p: float = 1.0):
+def filter_logits(logits, temperature: float, top_k: int, vocab_size: int, top_p: float = 1.0):
   """Masks padded vocabulary entries, all but the top-k, and the tail beyond
   cumulative probability top_p (nucleus); then scales by the temperature."""
   logits = logits.astype(jnp.float32)
@@ -40,9 +46,9 @@ def _filter_logits(logits, temperature: float, top_k: int, vocab_size: int, top_
 def _pick(logits, rng, position, temperature: float, top_k: int, top_p: float, vocab_size: int):
   """The next token from the last position's logits: greedy, or sampled."""
   if temperature == 0.0:
-    return jnp.argmax(_filter_logits(logits, 1.0, 0, vocab_size), axis=-1)
+    return jnp.argmax(filter_logits(logits, 1.0, 0, vocab_size), axis=-1)
   key = jax.random.fold_in(rng, position)
-  return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, vocab_size,
+  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, vocab_size,
                                                     top_p))
 
 
@@ -83,7 +89,6 @@ def _generate_stepwise(params, buffer, prompt_lens, rng, *, model, total_len, te
   rows = buffer.shape[0]
   recurrent = getattr(model, 'recurrent', False)
   if recurrent:
-    from lmjax.models import recurrent as recurrent_lib
     state = recurrent_lib.initial_carry(model, rows)
   else:
     shapes = jax.eval_shape(lambda: model.init(
@@ -187,9 +192,6 @@ def sample_text(params, model, tokenizer, sample_config, num_samples: int = 1,
 
 
 def _main(argv):
-  from absl import flags
-
-  from lmjax import checkpoint, cpu_host, evaluate
   del argv
   checkpoint.quiet_logs()
   cpu_host.prepare()
@@ -221,7 +223,6 @@ def _main(argv):
 
 
 def run():
-  from absl import app, flags
   flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
   flags.DEFINE_string('step', 'latest', "'latest' (newest intact), 'best', or a step number.")
   flags.DEFINE_multi_string('prompt', None, 'Text to continue (repeat for a batch of prompts; '

@@ -96,3 +96,14 @@ def make_global_batch(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, value)
           for name, value in local_batch.items()}
+
+
+def host_copy(tree):
+  """Numpy copies of a tree of replicated (or pmap-replicated) arrays, from this
+  host's first shard of each."""
+  def first(x):
+    if x is None or not hasattr(x, 'addressable_shards'):
+      return x
+    data = np.asarray(x.addressable_shards[0].data)
+    return data.reshape(x.shape[1:]) if data.shape != x.shape else data
+  return jax.tree.map(first, tree)

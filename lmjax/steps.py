@@ -11,7 +11,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from lmjax import sharding
 
 
 def token_losses(logits, targets):
@@ -151,3 +154,66 @@ def eval_step(params, batch, carry, *, model, token_bytes):
   return {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),
           'weight_sum': jnp.sum(weights),
           'byte_sum': jnp.sum(token_bytes[batch['targets']] * weights)}, carry
+
+
+# ----------------------------------------------------------------------------
+# The one builder of the step a run trains with: lmjax.train, --compile_only,
+# tools/bench.py and the tests all take it from here.
+
+PARALLELISMS = ('mesh', 'pmap')
+
+
+def make_train_step(config, model, schedule, plan=None):
+  """`train_step` with every setting of `config` bound (dropout, loss
+  normalization, microbatches, a LoRA plan): (state, batch, rng) -> (state, metrics)."""
+  if config.parallelism not in PARALLELISMS:
+    raise ValueError(f'parallelism must be one of {", ".join(PARALLELISMS)}; got '
+                     f'{config.parallelism!r}')
+  return functools.partial(train_step, model=model, schedule=schedule,
+                           deterministic=config.model.dropout == 0.0,
+                           normalization=config.train.loss_normalization,
+                           microbatches=config.train.microbatches,
+                           plan=plan if plan is not None and plan.mode == 'lora' else None)
+
+
+def jit_train_step(step_fn, state_shardings, mesh):
+  """The mesh path: one jitted step over global arrays with explicit shardings."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def pmap_train_step(step_fn, state):
+  """The pmap path, a thin wrapper over the same step: the state replicated on
+  this host's devices, each device a slice of the host's rows, gradients summed
+  across all devices by `psum`. Returns (replicated state, step taking
+  host-local numpy batches)."""
+  devices = jax.local_devices()
+  pmapped = jax.pmap(functools.partial(step_fn, axis_name='devices'), axis_name='devices',
+                     in_axes=(0, 0, None), donate_argnums=0)
+
+  def step(state, local_batch, rng):
+    per_device = {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local_batch.items()}
+    state, metrics = pmapped(state, per_device, rng)
+    return state, jax.tree.map(lambda x: x[0], metrics)
+
+  per_device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('devices',)),
+                                          jax.sharding.PartitionSpec('devices'))
+  replicas = jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), per_device),
+      sharding.host_copy(state))
+  return replicas, step
+
+
+def build_train_step(config, model, schedule, state, state_shardings, mesh, plan=None,
+                     carry_rows: int = 0):
+  """(state, step) as `config.parallelism` runs them: the state as created, with a
+  step jitted over the mesh; or the state replicated per device, with a pmapped
+  step. A pmapped step takes host-local batches, a mesh step global ones."""
+  step_fn = make_train_step(config, model, schedule, plan)
+  if config.parallelism != 'pmap':
+    return state, jit_train_step(step_fn, state_shardings, mesh)
+  if carry_rows:
+    raise ValueError("parallelism='pmap' does not carry recurrent state: use the mesh "
+                     "path (parallelism='mesh') or train.carry_state=False")
+  return pmap_train_step(step_fn, state)

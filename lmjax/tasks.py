@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import classification_metrics
+from lmjax import evaluation
 from lmjax import models
 from lmjax import sharding
 from lmjax import steps
@@ -188,9 +189,8 @@ def make_evaluator(config, task_data: TaskData, model, tokenizer, param_sharding
                          out_shardings=sharding.replicated(mesh))
     return lambda params, max_batches: evaluate_classifier(
         outputs_fn, params, task_data.eval, batch_size, mesh, max_batches)
-  from lmjax import evaluate
-  eval_fn = evaluate.make_eval_fn(model, tokenizer, param_shardings, mesh)
-  return lambda params, max_batches: evaluate.evaluate(
+  eval_fn = evaluation.make_eval_fn(model, tokenizer, param_shardings, mesh)
+  return lambda params, max_batches: evaluation.evaluate(
       eval_fn, params, task_data.eval, config.data.seq_len, batch_size, mesh, max_batches,
       config.data.layout, model, carry, task_data.masking, config.seed)
 

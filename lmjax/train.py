@@ -11,11 +11,13 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
 
 import jax
+from absl import app, flags
 import numpy as np
 
 from lmjax import checkpoint
@@ -100,7 +102,7 @@ class _Progress:
     return result
 
 
-def _load_data(config, workdir):
+def load_data(config, workdir):
   """(tokenizer, task data, pre-training run or None). Fine-tuning takes the
   pre-trained tokenizer; otherwise the workdir's, or a new one."""
   pretrained = None
@@ -114,8 +116,8 @@ def _load_data(config, workdir):
 
 
 @dataclasses.dataclass
-class _Run:
-  """Everything a training run wires together, built once by `_setup`."""
+class Run:
+  """Everything a training run wires together, built once by `setup`."""
   config: Any
   workdir: str
   mesh: Any
@@ -144,7 +146,7 @@ class _Run:
     per device; checkpoints, evaluation and sampling take this layout)."""
     if self.config.parallelism != 'pmap':
       return self.state
-    return jax.device_put(_host_copy(self.state), self.state_shardings)
+    return jax.device_put(sharding.host_copy(self.state), self.state_shardings)
 
   def keep_if_best(self, step: int, result: dict) -> None:
     """Saves `step` apart (WORKDIR/checkpoints_best) if its evaluation is the best yet."""
@@ -224,7 +226,7 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def _setup(config, workdir: str) -> _Run:
+def setup(config, workdir: str) -> Run:
   """Config -> mesh, data, tokenizer, model, (restored) state and jitted steps."""
   enable_compilation_cache(config.compilation_cache_dir)
   fs.makedirs(workdir)
@@ -236,7 +238,7 @@ def _setup(config, workdir: str) -> _Run:
   sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
 
   tasks.check(config)
-  tokenizer, data, pretrained = _load_data(config, workdir)
+  tokenizer, data, pretrained = load_data(config, workdir)
   _log(f'corpus {config.data.name}: {data.description}; {tokenizer.kind} tokenizer, '
        f'vocabulary {tokenizer.vocab_size}; {data.baseline_name} {data.baseline:.3f}')
 
@@ -256,50 +258,27 @@ def _setup(config, workdir: str) -> _Run:
       config, workdir, model, tx, mesh, tokenizer, model_params, pretrained, plan)
   num_params = models.count_params(model_params)
   _log(f'model {config.model.family} ({config.task}): {num_params:,} parameters, '
-       f'{_trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
+       f'{trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
 
-  step_fn = _step_fn(config, model, schedule, plan)
-  if config.parallelism == 'pmap':
-    if train_state.carry_rows(config, model):
-      raise ValueError("parallelism='pmap' does not carry recurrent state: use the mesh "
-                       "path (parallelism='mesh') or train.carry_state=False")
-    state, train_step = _pmap_step(step_fn, state)
-  else:
-    train_step = _jit_step(step_fn, state_shardings, mesh)
+  state, train_step = steps.build_train_step(config, model, schedule, state, state_shardings,
+                                             mesh, plan, train_state.carry_rows(config, model))
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding, model_params)
   carry_eval = train_state.carry_rows(config, model) > 0  # evaluate as it was trained
   evaluator = tasks.make_evaluator(config, data, model, tokenizer, param_shardings, mesh,
                                    carry_eval)
-  return _Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, data=data,
+  return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, data=data,
               model=model, state=state, checkpoints=checkpoints, train_step=train_step,
               evaluate=evaluator, num_params=num_params, state_shardings=state_shardings,
               plan=plan, best_loss=checkpoint.best_loss(workdir))
 
 
-def _trainable_count(state, plan) -> int:
+def trainable_count(state, plan) -> int:
   """Parameters the optimizer changes (LoRA: adapters and new ones; frozen: new ones)."""
   if plan is None or plan.mode == 'full':
     return models.count_params(state.params)
   return sum(int(leaf.size) for name, leaf in finetune.flatten(state.params).items()
              if not plan.is_pretrained(name))
-
-
-def _step_fn(config, model, schedule, plan=None):
-  if config.parallelism not in ('mesh', 'pmap'):
-    raise ValueError(f"parallelism must be 'mesh' or 'pmap'; got {config.parallelism!r}")
-  return functools.partial(steps.train_step, model=model, schedule=schedule,
-                           deterministic=config.model.dropout == 0.0,
-                           normalization=config.train.loss_normalization,
-                           microbatches=config.train.microbatches,
-                           plan=plan if plan is not None and plan.mode == 'lora' else None)
-
-
-def _jit_step(step_fn, state_shardings, mesh):
-  """The mesh path: one jitted step over global arrays with explicit shardings."""
-  replicated = sharding.replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def compile_only(config) -> dict:
@@ -324,7 +303,8 @@ def compile_only(config) -> dict:
            for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items()}
   start = time.perf_counter()
   with sharding.rules_and_mesh(mesh):
-    compiled = _jit_step(_step_fn(config, model, schedule), shardings, mesh).lower(
+    compiled = steps.jit_train_step(steps.make_train_step(config, model, schedule), shardings,
+                                    mesh).lower(
         abstract, batch, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -349,38 +329,6 @@ def compile_only(config) -> dict:
         'peak_estimate': gib(memory.argument_size_in_bytes + memory.output_size_in_bytes +
                              memory.temp_size_in_bytes - memory.alias_size_in_bytes)})
   return report
-
-
-def _pmap_step(step_fn, state):
-  """The pmap path: the state replicated on this host's devices, each device a
-  slice of the host's rows, gradients summed across all devices by `psum`.
-  Returns (replicated state, step taking host-local numpy batches)."""
-  devices = jax.local_devices()
-  pmapped = jax.pmap(functools.partial(step_fn, axis_name='devices'), axis_name='devices',
-                     in_axes=(0, 0, None), donate_argnums=0)
-
-  def step(state, local_batch, rng):
-    per_device = {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local_batch.items()}
-    state, metrics = pmapped(state, per_device, rng)
-    return state, jax.tree.map(lambda x: x[0], metrics)
-
-  per_device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('devices',)),
-                                          jax.sharding.PartitionSpec('devices'))
-  replicas = jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), per_device),
-      _host_copy(state))
-  return replicas, step
-
-
-def _host_copy(tree):
-  """Numpy copies of a tree of replicated (or pmap-replicated) arrays, from this
-  host's first shard of each."""
-  def first(x):
-    if x is None or not hasattr(x, 'addressable_shards'):
-      return x
-    data = np.asarray(x.addressable_shards[0].data)
-    return data.reshape(x.shape[1:]) if data.shape != x.shape else data
-  return jax.tree.map(first, tree)
 
 
 def _train_record(progress: _Progress, step: int, last_step: int, steps_timed: int) -> dict:
@@ -417,7 +365,6 @@ class _Preemption:
     self.flag = False
 
   def install(self) -> None:
-    import signal
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, 'flag', True))
 
@@ -430,7 +377,7 @@ class _Preemption:
 preemption = _Preemption()
 
 
-def _train(run: _Run, writer: metrics_lib.MetricWriter,
+def _train(run: Run, writer: metrics_lib.MetricWriter,
            guard: watchdog.Watchdog) -> tuple[int, float]:
   """Runs the steps from the state's step to the last one; returns (start step, seconds).
 
@@ -441,7 +388,7 @@ def _train(run: _Run, writer: metrics_lib.MetricWriter,
   config, mesh = run.config, run.mesh
   seq_len, batch_size, log_every = config.data.seq_len, config.train.batch_size, config.train.log_every
   last_step = min(config.train.num_steps, config.train.stop_at or config.train.num_steps)
-  start_step = int(_host_copy(run.state.step))
+  start_step = int(sharding.host_copy(run.state.step))
   tokens_per_step = batch_size * seq_len
   progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(run.model, run.num_params) *
                        tokens_per_step, metrics_lib.measure_peak_flops())
@@ -527,7 +474,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
-  run = _setup(config, workdir)  # unbounded: preparing data may take long
+  run = setup(config, workdir)  # unbounded: preparing data may take long
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     start_step, seconds = _train(run, writer, guard)
@@ -535,7 +482,7 @@ def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
     writer.close()
     run.checkpoints.close()
     raise
-  final_step = int(_host_copy(run.state.step))
+  final_step = int(sharding.host_copy(run.state.step))
   with guard.phase('save', final_step):
     run.finish_saves()
   run.state = run.global_state()
@@ -563,7 +510,6 @@ def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
 
 
 def _main(argv):
-  from absl import flags
   del argv
   checkpoint.quiet_logs()
   flag_values = flags.FLAGS
@@ -589,7 +535,6 @@ def _main(argv):
 
 def run():
   """Console entry point: checks --config.* keys before anything runs."""
-  from absl import app, flags
   config_lib.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
   flags.DEFINE_bool('compile_only', False, 'Lower and compile the train step for the configured '

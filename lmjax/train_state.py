@@ -8,7 +8,6 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from lmjax import finetune
 from lmjax import sharding
 from lmjax.models import recurrent
 
@@ -110,7 +109,7 @@ def _init_fn(model, tx, sample_tokens, carry_rows: int, plan=None) -> Callable:
     params = nn.unbox(model.init({'params': rng}, sample_tokens)['params'])
     frozen = None
     if plan is not None:
-      params = finetune.with_subtree(params, plan.prefix, pretrained)
+      params = plan.place_pretrained(params, pretrained)
       params, frozen = plan.split_values(params, jax.random.fold_in(rng, 1))
     carry = recurrent.initial_carry(model, carry_rows) if carry_rows else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,

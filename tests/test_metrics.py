@@ -39,4 +39,20 @@ def test_metric_writer_appends_json_lines(tmp_path):
   records = metrics.read_metrics(str(tmp_path))
   assert [r['step'] for r in records] == [5, 10, 15]
   assert records[1] == {'step': 10, 'train/loss': 2.0, 'eval/loss': 2.2}
-  assert list((tmp_path / 'tensorboard').iterdir())
+  # TensorBoard's event files hold the same scalars at the same steps.
+  assert tensorboard_scalars(tmp_path / 'tensorboard') == {
+      ('train/loss', 5): 2.5, ('train/loss', 10): 2.0, ('eval/loss', 10): 2.2,
+      ('train/loss', 15): 1.5}
+
+
+def tensorboard_scalars(directory) -> dict:
+  """{(tag, step): value} of every scalar in the event files under `directory`."""
+  import pathlib
+
+  import tensorflow as tf
+  scalars = {}
+  for path in sorted(pathlib.Path(directory).rglob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        scalars[(value.tag, event.step)] = round(float(tf.make_ndarray(value.tensor)), 6)
+  return scalars

@@ -187,6 +187,6 @@ def test_cpu_gelu_matches_flax_in_value_and_gradient():
   ours = jax.grad(lambda v: jnp.sum(jnp.sin(layers.gelu(v))))(x)
   reference = jax.grad(lambda v: jnp.sum(jnp.sin(jax.nn.gelu(v, approximate=True))))(x)
   np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(jax.jit(layers._materialize)(x), x)
+  np.testing.assert_array_equal(jax.jit(layers.materialize)(x), x)
   poisoned = x.at[0, 0, 0].set(jnp.nan)
-  assert bool(jnp.all(jnp.isnan(jax.jit(layers._materialize)(poisoned))))
+  assert bool(jnp.all(jnp.isnan(jax.jit(layers.materialize)(poisoned))))

@@ -64,7 +64,7 @@ def test_two_processes_train_like_one_process_and_restore_on_one_device(corpus_d
   import jax
   import ml_collections
   from conftest import tiny_config
-  from lmjax import checkpoint, evaluate, metrics, models, sharding, train, train_state
+  from lmjax import checkpoint, evaluation, metrics, models, sharding, train, train_state
   from multiprocess_train_worker import TRAIN_OVERRIDES
   workdir = tmp_path / 'two'
   results = run_two('multiprocess_train_worker.py', corpus_dir, workdir, tmp_path)
@@ -83,15 +83,15 @@ def test_two_processes_train_like_one_process_and_restore_on_one_device(corpus_d
   # The checkpoint both processes wrote restores on one device, with the same evaluation.
   manager = checkpoint.manager(str(workdir), read_only=True)
   assert sorted(manager.all_steps()) == [10, 20]
-  tokenizer, data, _ = train._load_data(config, str(workdir))
+  tokenizer, data, _ = train.load_data(config, str(workdir))
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                             jax.devices()[:1])
   model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
   tx, _ = train_state.make_optimizer(config.optimizer, config.train.num_steps)
   abstract, shardings = train_state.abstract_state(model, tx, config.data.seq_len, mesh)
   state = checkpoint.restore_state(manager, 20, abstract)
-  eval_fn = evaluate.make_eval_fn(model, tokenizer, shardings.params, mesh)
-  restored = evaluate.evaluate(eval_fn, state.params, data.eval, config.data.seq_len,
+  eval_fn = evaluation.make_eval_fn(model, tokenizer, shardings.params, mesh)
+  restored = evaluation.evaluate(eval_fn, state.params, data.eval, config.data.seq_len,
                                config.train.eval_batch_size, mesh,
                                config.train.final_eval_batches)
   np.testing.assert_allclose(restored['loss'], results[0]['result']['loss'], rtol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from lmjax import checkpoint, config as config_lib, models, sharding, train, train_state
+from lmjax import checkpoint, config as config_lib, models, sharding, steps, train, train_state
 
 SEQ_LEN, BATCH, STEPS = 16, 16, 5
 
@@ -53,11 +53,7 @@ def run(mesh_shape=(8, 1, 1), devices=None, **fields):
   tx, schedule = train_state.make_optimizer(config.optimizer, 100)
   _, shardings = train_state.abstract_state(model, tx, SEQ_LEN, mesh)
   state = train_state.create_state(model, tx, SEQ_LEN, shardings, jax.random.key(0))
-  step_fn = train._step_fn(config, model, schedule)
-  if config.parallelism == 'pmap':
-    state, step = train._pmap_step(step_fn, state)
-  else:
-    step = train._jit_step(step_fn, shardings, mesh)
+  state, step = steps.build_train_step(config, model, schedule, state, shardings, mesh)
   losses = []
   with sharding.rules_and_mesh(None if config.parallelism == 'pmap' else mesh):
     for batch in batches():
@@ -65,7 +61,7 @@ def run(mesh_shape=(8, 1, 1), devices=None, **fields):
         batch = sharding.make_global_batch(batch, mesh)
       state, metrics = step(state, batch, jax.random.key(1))
       losses.append(float(metrics['loss_sum'] / metrics['weight_sum']))
-  params = train._host_copy(state.params) if config.parallelism == 'pmap' else jax.device_get(
+  params = sharding.host_copy(state.params) if config.parallelism == 'pmap' else jax.device_get(
       state.params)
   return losses, params, state
 

@@ -38,7 +38,7 @@ def test_hand_scheduled_backward_equals_autodiff_of_the_loop(cell):
                 for _ in range(num_states))
 
   def plain(gx, w_hh, b_hh, state):  # lax.scan, differentiated by JAX
-    final, states, _ = recurrent._forward(cell, gx, w_hh, b_hh, state)
+    final, states, _ = recurrent.forward(cell, gx, w_hh, b_hh, state)
     return states[0], final
 
   def loss(fn):

@@ -113,7 +113,7 @@ def test_generation_stops_at_the_end_token():
 
 def test_top_k_and_top_p_keep_the_most_likely_tokens():
   logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
-  kept = lambda **kw: np.isfinite(np.asarray(sample._filter_logits(logits, 1.0, vocab_size=4,
+  kept = lambda **kw: np.isfinite(np.asarray(sample.filter_logits(logits, 1.0, vocab_size=4,
                                                                    **kw)))[0].tolist()
   assert kept(top_k=0) == [True] * 4
   assert kept(top_k=2) == [True, True, False, False]

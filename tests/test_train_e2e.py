@@ -52,7 +52,14 @@ def test_workdir_holds_config_metrics_tensorboard_and_checkpoints(runs):
   records = metrics.read_metrics(workdir)
   assert any('eval/loss' in r and r['step'] == 50 for r in records)
   assert any('final_eval/bits_per_byte' in r for r in records)
-  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  # TensorBoard holds every scalar of metrics.jsonl, at its step.
+  from test_metrics import tensorboard_scalars
+  logged = tensorboard_scalars(os.path.join(workdir, 'tensorboard'))
+  expected = {(k, r['step']): round(float(v), 6) for r in records for k, v in r.items()
+              if k != 'step'}
+  assert ('train/loss', 100) in expected and ('eval/loss', 50) in expected
+  for key, value in expected.items():
+    assert logged[key] == pytest.approx(value, rel=1e-5), key
   manager = checkpoint.manager(workdir, read_only=True)
   assert sorted(manager.all_steps()) == [50, 100]
   saved = checkpoint.read_json(manager, 100, 'config')
@@ -109,14 +116,23 @@ def test_diverging_run_stops_loudly_without_saving_a_bad_checkpoint(corpus_dir, 
   assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == []
 
 
-def test_launch_local_runs_the_train_entry_point(tmp_path):
+def test_launch_local_runs_the_train_entry_point(corpus_dir, tmp_path):
+  env = {**__import__('os').environ, 'PYTHON': sys.executable}
+  workdir = tmp_path / 'x'
   result = subprocess.run(['bash', str(REPO / 'launch' / 'local'), '--cpu', '--config',
-                           str(REPO / 'configs' / 'default.py'), '--workdir', str(tmp_path / 'x'),
-                           '--config.train.num_step=1'],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**__import__('os').environ, 'PYTHON': sys.executable})
-  assert result.returncode != 0 and "did you mean" not in result.stderr
-  assert "unknown config key 'train.num_step'" in result.stderr
+                           f'{REPO}/tests/tiny_run_config.py:{corpus_dir}', '--workdir',
+                           str(workdir), '--config.train.num_steps=20',
+                           '--config.train.eval_every=0', '--config.sample.max_new_tokens=0'],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'final eval' in result.stdout
+  assert sorted(checkpoint.manager(str(workdir), read_only=True).all_steps()) == [20]
+  assert [r['step'] for r in metrics.read_metrics(str(workdir)) if 'train/loss' in r] == [10, 20]
+  mistyped = subprocess.run(['bash', str(REPO / 'launch' / 'local'), '--cpu', '--config',
+                             str(REPO / 'configs' / 'default.py'), '--workdir',
+                             str(tmp_path / 'y'), '--config.train.num_step=1'],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+  assert mistyped.returncode != 0 and "unknown config key 'train.num_step'" in mistyped.stderr
 
 
 def test_resuming_with_another_tokenizer_names_both(runs, corpus_dir, tmp_path):
@@ -174,4 +190,11 @@ def test_compiled_programs_persist_in_the_compilation_cache(corpus_dir, tmp_path
              '--config.train.eval_every=0', '--config.sample.max_new_tokens=0']
   result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert len(list(cache.iterdir())) >= 2  # the train step and the eval step at least
+  entries = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+  assert len(entries) >= 2  # the train step and the eval step at least
+  # A second run (a new workdir, the same shapes) finds every program in the cache:
+  # it compiles nothing, so it writes no entry, new or rewritten.
+  command[command.index('--workdir') + 1] = str(tmp_path / 'again')
+  again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == entries

@@ -17,7 +17,6 @@ runs every workload of the CPU performance table (each in its own process, so
 each splits the host as lmjax.train would) and prints one JSON line each, with
 its name and command.
 """
-import functools
 import json
 import os
 import resource
@@ -81,47 +80,89 @@ def vocab_size_for(config) -> int:
   return {'bytes': 257, 'chars': 67}.get(config.tokenizer.kind, config.tokenizer.vocab_size)
 
 
+def random_batch(config, vocab: int, rng):
+  """A training batch of the configured task and layout (`tasks.batch_shapes`) with
+  random tokens: packed rows hold two documents each, so attention is masked as
+  in training."""
+  import numpy as np
+
+  from lmjax import tasks
+  batch_size, seq_len = config.train.batch_size, config.data.seq_len
+  batch = {}
+  for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items():
+    if name in ('inputs', 'targets') and len(shape) == 2:
+      batch[name] = rng.integers(0, vocab, shape, dtype=np.int32)
+    elif name == 'targets':  # classification: one class per row
+      batch[name] = rng.integers(0, max(config.classify.num_classes, 2), shape, dtype=np.int32)
+    elif name == 'segment_ids':
+      batch[name] = np.where(np.arange(seq_len) < seq_len // 2, 1, 2).astype(dtype)[None].repeat(
+          batch_size, 0)
+    elif name == 'positions':
+      batch[name] = (np.arange(seq_len) % max(seq_len // 2, 1)).astype(dtype)[None].repeat(
+          batch_size, 0)
+    elif name == 'reset':
+      batch[name] = np.zeros(shape, dtype)
+    else:  # weights
+      batch[name] = np.ones(shape, dtype)
+  return batch
+
+
+def build(config, vocab: int):
+  """(state, jitted step, model, num_params, mesh) of `config`, from the builder
+  lmjax.train uses (`steps.build_train_step`: microbatches, loss normalization,
+  dropout, a fine-tuning plan), on the parameters a new run starts from."""
+  import jax
+
+  from lmjax import finetune, models, sharding, steps, tasks, train_state
+  seq_len = config.data.seq_len
+  mesh = sharding.make_mesh(config.mesh)
+  model = tasks.build_model(config, vocab)
+  # An 'epochs' schedule needs the data's epoch length; any value times the same step.
+  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
+                                            steps_per_epoch=1000)
+  plan = finetune.plan_for(config, model)
+  if plan is not None:
+    tx = plan.wrap_optimizer(tx)
+  carry_rows = train_state.carry_rows(config, model)  # time the carried state too
+  _, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows, plan)
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # as lmjax.train
+  state = train_state.create_state(model, tx, seq_len, shardings, init_rng, carry_rows, plan)
+  state, step_fn = steps.build_train_step(config, model, schedule, state, shardings, mesh, plan,
+                                          carry_rows)
+  return state, step_fn, model, models.count_params(state.params), mesh
+
+
 def main(argv):
   del argv
   if flags.FLAGS.suite:
     run_suite(flags.FLAGS.suite)
     return
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from lmjax import cpu_host, metrics, models, sharding, steps, train, train_state
+  from lmjax import cpu_host, metrics, sharding, train
   config = flags.FLAGS.config
   cpu_host.prepare(config)  # as lmjax.train does
   train.enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
   vocab = vocab_size_for(config)
-  mesh = sharding.make_mesh(config.mesh)
-  model = models.build_model(config.model, vocab, seq_len)
-  # An 'epochs' schedule needs the data's epoch length; any value times the same step.
-  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
-                                            steps_per_epoch=1000)
-  carry_rows = train_state.carry_rows(config, model)  # time the carried state too
-  _, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
-  state = train_state.create_state(model, tx, seq_len, shardings, jax.random.key(0), carry_rows)
-  num_params = models.count_params(state.params)
-  step_fn = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
-                                      deterministic=config.model.dropout == 0.0,
-                                      normalization=config.train.loss_normalization),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  state, step_fn, model, num_params, mesh = build(config, vocab)
   data_rng = np.random.default_rng(0)
+  pmap = config.parallelism == 'pmap'
 
   def batch():
-    window = data_rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
-    local = {'inputs': window[:, :-1], 'targets': window[:, 1:],
-             'weights': np.ones((batch_size, seq_len), np.float32)}
-    return sharding.make_global_batch(local, mesh)
+    local = random_batch(config, vocab, data_rng)
+    return local if pmap else sharding.make_global_batch(local, mesh)
 
   rng = jax.random.key(1)
-  with sharding.rules_and_mesh(mesh):
+  with sharding.rules_and_mesh(None if pmap else mesh):
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch(), rng).compile()
+    if pmap:  # compiled at its first call
+      state, out = step_fn(state, batch(), rng)
+      jax.block_until_ready(out)
+      compiled = step_fn
+    else:
+      compiled = step_fn.lower(state, batch(), rng).compile()
     compile_s = time.perf_counter() - start
     state, out = compiled(state, batch(), rng)
     jax.block_until_ready(out)
@@ -138,7 +179,9 @@ def main(argv):
   peak = metrics.measure_peak_flops()
   print(json.dumps({
       'config': flags.FLAGS['config'].config_filename if hasattr(flags.FLAGS['config'], 'config_filename') else None,
-      'model': config.model.family, 'params': num_params, 'batch_size': batch_size,
+      'model': config.model.family, 'task': config.task, 'params': num_params,
+      'batch_size': batch_size, 'microbatches': config.train.microbatches,
+      'layout': config.data.layout, 'parallelism': config.parallelism,
       'seq_len': seq_len, 'vocab_size': vocab, 'devices': jax.device_count(),
       'steps': flags.FLAGS.steps, 'step_ms': 1e3 * step_s,
       'step_ms_mean': 1e3 * statistics.mean(times), 'tokens_per_sec': tokens / step_s,

@@ -14,7 +14,7 @@ Dtype = Any
 default_init = nn.initializers.normal(stddev=0.02)
 
 
-def _materialize(x):
+def materialize(x):
   """`x`, computed into memory before any consumer reads it.
 
   XLA:CPU fuses elementwise producers into their consumers; when a consumer is
@@ -38,7 +38,7 @@ def _gelu_cpu_forward(x):
 
 def _gelu_cpu_backward(x, g):
   _, vjp = jax.vjp(lambda y: nn.gelu(y, approximate=True), x)
-  return (_materialize(vjp(g)[0]),)
+  return (materialize(vjp(g)[0]),)
 
 
 _gelu_cpu.defvjp(_gelu_cpu_forward, _gelu_cpu_backward)
@@ -47,7 +47,7 @@ _gelu_cpu.defvjp(_gelu_cpu_forward, _gelu_cpu_backward)
 def gelu(x):
   """tanh-approximated GELU. On CPU its backward recomputes tanh from the saved
   input rather than saving tanh's output (less memory traffic, which bounds this
-  op on CPU), and materialises the input gradient (see `_materialize`)."""
+  op on CPU), and materialises the input gradient (see `materialize`)."""
   if jax.default_backend() == 'cpu':
     return _gelu_cpu(x)
   return nn.gelu(x, approximate=True)

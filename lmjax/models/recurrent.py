@@ -72,7 +72,7 @@ def _rnn(gx, gh, state):
 _CELL_FNS = {'lstm': _lstm, 'gru': _gru, 'rnn': _rnn}
 
 
-def _forward(cell, gx, w_hh, b_hh, state):
+def forward(cell, gx, w_hh, b_hh, state):
   def body(state, gx_t):
     gh = state[0] @ w_hh if b_hh is None else state[0] @ w_hh + b_hh
     new = _CELL_FNS[cell](gx_t, gh, state)
@@ -95,12 +95,12 @@ def recurrence(cell, gx, w_hh, b_hh, state):
   a small outer product accumulated into the loop carry at every step (what
   differentiating `lax.scan` does).
   """
-  final, states, _ = _forward(cell, gx, w_hh, b_hh, state)
+  final, states, _ = forward(cell, gx, w_hh, b_hh, state)
   return states[0], final
 
 
 def _recurrence_forward(cell, gx, w_hh, b_hh, state):
-  final, states, ghs = _forward(cell, gx, w_hh, b_hh, state)
+  final, states, ghs = forward(cell, gx, w_hh, b_hh, state)
   return (states[0], final), (gx, w_hh, state, states, ghs)
 
 
