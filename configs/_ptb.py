@@ -12,6 +12,7 @@ The PTB files are not part of lmjax. Give their directory as the config
 argument (default `data/ptb`): it must hold ptb.train.txt, ptb.valid.txt and
 ptb.test.txt (one sentence per line; `<eos>` is appended to every line).
 """
+
 import os
 
 from lmjax import config as config_lib

@@ -16,24 +16,27 @@ time). Metrics: accuracy, precision, recall, F1 (binary and macro), ROC AUC,
 exact over the whole split; `python -m lmjax.evaluate --workdir WORKDIR`
 writes them as JSON.
 """
+
 import os
 
 from lmjax import config as config_lib
 
-shared = config_lib.import_file(os.path.join(os.path.dirname(__file__), 'mlm_shakespeare.py'),
-                                '_mlm_shakespeare')
+shared = config_lib.import_file(
+  os.path.join(os.path.dirname(__file__), 'mlm_shakespeare.py'), '_mlm_shakespeare'
+)
 SOURCES = {  # name: (tfds name, text feature, label feature, evaluation split)
-    'imdb': ('imdb_reviews', 'text', 'label', 'test'),
-    'ag_news': ('ag_news_subset', 'description', 'label', 'test'),
-    'sst2': ('glue/sst2', 'sentence', 'label', 'validation'),
-    'files': ('files', 'text', 'label', 'validation'),
+  'imdb': ('imdb_reviews', 'text', 'label', 'test'),
+  'ag_news': ('ag_news_subset', 'description', 'label', 'test'),
+  'sst2': ('glue/sst2', 'sentence', 'label', 'validation'),
+  'files': ('files', 'text', 'label', 'validation'),
 }
 
 
 def get_config(arg='files'):
   if arg not in SOURCES:
-    raise config_lib.ConfigError(f'configs/classify.py:{arg}: unknown source; known: '
-                                 f'{", ".join(SOURCES)}')
+    raise config_lib.ConfigError(
+      f'configs/classify.py:{arg}: unknown source; known: {", ".join(SOURCES)}'
+    )
   name, text_key, label_key, eval_split = SOURCES[arg]
   c = shared.encoder(config_lib.base_config())
   c.task = 'classify'

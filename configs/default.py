@@ -5,6 +5,7 @@ sources, built once into the tfds data_dir. A few minutes on a 2-core CPU.
 
   python -m lmjax.train --config configs/default.py --workdir /tmp/lmjax_default
 """
+
 from lmjax import config as config_lib
 
 

@@ -5,6 +5,7 @@ on a named tfds corpus (lm1b). For pods; on CPU, use it to check memory:
   python -m lmjax.train --config configs/gpt2_124m.py --compile_only \
       --config.mesh.data=1 --config.mesh.fsdp=8
 """
+
 from lmjax import config as config_lib
 
 

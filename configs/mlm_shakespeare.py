@@ -8,6 +8,7 @@ Fine-tune the result with configs/classify.py (--config.init_from=WORKDIR).
 tiny_shakespeare must be in the tfds data_dir, or buildable offline from a local
 input.txt: --config.data.manual_dir=DIR_WITH_INPUT_TXT.
 """
+
 from lmjax import config as config_lib
 
 

@@ -1,11 +1,13 @@
 """Masked-LM pre-training of a byte-level encoder on the embedded Python-stdlib
 corpus (no download), packed by file so no window spans two files."""
+
 import os
 
 from lmjax import config as config_lib
 
-shared = config_lib.import_file(os.path.join(os.path.dirname(__file__), 'mlm_shakespeare.py'),
-                                '_mlm_shakespeare')
+shared = config_lib.import_file(
+  os.path.join(os.path.dirname(__file__), 'mlm_shakespeare.py'), '_mlm_shakespeare'
+)
 
 
 def get_config(arg=None):

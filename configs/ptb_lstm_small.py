@@ -4,6 +4,7 @@ Paper (non-regularised): validation / test perplexity 120.7 / 114.5.
 
   python -m lmjax.train --config configs/ptb_lstm_small.py:/path/to/ptb --workdir runs/ptb_small
 """
+
 import os
 
 from lmjax import config as config_lib
@@ -12,5 +13,6 @@ _ptb = config_lib.import_file(os.path.join(os.path.dirname(__file__), '_ptb.py')
 
 
 def get_config(arg=None):
-  return _ptb.ptb_config(arg, hidden=200, unroll=20, dropout=0.0, init_scale=0.1, epochs=13,
-                          decay_after=4, decay=0.5)
+  return _ptb.ptb_config(
+    arg, hidden=200, unroll=20, dropout=0.0, init_scale=0.1, epochs=13, decay_after=4, decay=0.5
+  )

@@ -7,6 +7,7 @@ nanoGPT reaches validation loss about 1.88 with it.
 tiny_shakespeare must be in the tfds data_dir, or buildable offline from a local
 input.txt: --config.data.manual_dir=DIR_WITH_INPUT_TXT.
 """
+
 from lmjax import config as config_lib
 
 

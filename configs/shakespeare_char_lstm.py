@@ -5,6 +5,7 @@ The hidden state is carried from step to step over 32 contiguous streams of the
 text (truncated BPTT over 64 characters) and through the evaluation.
 Offline: --config.data.manual_dir=DIR_WITH_INPUT_TXT.
 """
+
 import os
 
 from lmjax import config as config_lib

@@ -18,6 +18,7 @@ forwarded. `run --watch` keeps a spot slice alive: when the slice is preempted
 it deletes it, creates it again, sets it up and starts the same command, which
 resumes from the latest checkpoint in the (GCS) workdir.
 """
+
 import argparse
 import os
 import shlex
@@ -25,8 +26,12 @@ import subprocess
 import sys
 import time
 
-DEFAULT_RUNTIME = {'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',
-                   'v5p': 'v2-alpha-tpuv5', 'v6e': 'v2-alpha-tpuv6e'}
+DEFAULT_RUNTIME = {
+  'v4': 'tpu-ubuntu2204-base',
+  'v5litepod': 'v2-alpha-tpuv5-lite',
+  'v5p': 'v2-alpha-tpuv5',
+  'v6e': 'v2-alpha-tpuv6e',
+}
 LOG = '~/lmjax_train.log'
 REMOTE_DIR = '~/lmjax'
 PASSED_ENV = ('TFDS_DATA_DIR',)
@@ -56,11 +61,15 @@ def create_commands(args):
   version = runtime_version(args)
   if args.queued:
     command = _base(args, 'queued-resources', 'create') + [
-        f'--node-id={args.name}', f'--accelerator-type={args.accelerator}',
-        f'--runtime-version={version}']
+      f'--node-id={args.name}',
+      f'--accelerator-type={args.accelerator}',
+      f'--runtime-version={version}',
+    ]
   else:
     command = _base(args, 'tpu-vm', 'create') + [
-        f'--accelerator-type={args.accelerator}', f'--version={version}']
+      f'--accelerator-type={args.accelerator}',
+      f'--version={version}',
+    ]
   if args.spot:
     command.append('--spot')
   if args.reserved:
@@ -71,24 +80,45 @@ def create_commands(args):
 def setup_commands(args):
   """Install lmjax (with the `tpu` extra) on every worker: from a git URL, or from
   the committed HEAD of a local checkout (git archive -> scp -> untar)."""
-  install = (f'cd {REMOTE_DIR} && python3 -m pip install --upgrade pip && '
-             f"python3 -m pip install -e '.[tpu]'")
+  install = (
+    f"cd {REMOTE_DIR} && python3 -m pip install --upgrade pip && python3 -m pip install -e '.[tpu]'"
+  )
   if args.source.startswith(('https://', 'git@')):
     fetch = f'rm -rf {REMOTE_DIR} && git clone --depth 1 {shlex.quote(args.source)} {REMOTE_DIR}'
     return [_ssh(args, f'{fetch} && {install}')]
   tarball = f'/tmp/lmjax-{args.name}.tar.gz'
-  archive = ['git', '-C', args.source, 'archive', '--format=tar.gz', '--prefix=lmjax/',
-             '-o', tarball, 'HEAD']
-  copy = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', tarball, f'{args.name}:lmjax.tar.gz',
-          f'--zone={args.zone}', '--worker=all'] + (
-              [f'--project={args.project}'] if args.project else [])
+  archive = [
+    'git',
+    '-C',
+    args.source,
+    'archive',
+    '--format=tar.gz',
+    '--prefix=lmjax/',
+    '-o',
+    tarball,
+    'HEAD',
+  ]
+  copy = [
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'scp',
+    tarball,
+    f'{args.name}:lmjax.tar.gz',
+    f'--zone={args.zone}',
+    '--worker=all',
+  ] + ([f'--project={args.project}'] if args.project else [])
   unpack = f'rm -rf {REMOTE_DIR} && tar xzf ~/lmjax.tar.gz -C ~ && {install}'
   return [archive, copy, _ssh(args, unpack)]
 
 
 def train_command_line(args) -> str:
-  env = [f'{name}={shlex.quote(os.environ[name])}' for name in
-         dict.fromkeys(PASSED_ENV + tuple(args.env or ())) if name in os.environ]
+  env = [
+    f'{name}={shlex.quote(os.environ[name])}'
+    for name in dict.fromkeys(PASSED_ENV + tuple(args.env or ()))
+    if name in os.environ
+  ]
   train = ' '.join(shlex.quote(a) for a in ['python3', '-m', 'lmjax.train', *args.train_args])
   env.append('LMJAX_DISTRIBUTED=auto')  # every worker joins the slice's jax.distributed job
   return f'cd {REMOTE_DIR} && {" ".join(env)} nohup {train} > {LOG} 2>&1 < /dev/null &'
@@ -96,15 +126,18 @@ def train_command_line(args) -> str:
 
 def run_commands(args):
   if not args.train_args:
-    raise SystemExit('run: give the training arguments after --, e.g. '
-                     '-- --config configs/tpu/v4_8.py --workdir gs://BUCKET/run')
+    raise SystemExit(
+      'run: give the training arguments after --, e.g. '
+      '-- --config configs/tpu/v4_8.py --workdir gs://BUCKET/run'
+    )
   return [_ssh(args, train_command_line(args))]
 
 
 def logs_commands(args):
   follow = '' if args.all_workers else ' -f'
-  return [_ssh(args, f'tail -n {args.lines}{follow} {LOG}',
-               worker='all' if args.all_workers else '0')]
+  return [
+    _ssh(args, f'tail -n {args.lines}{follow} {LOG}', worker='all' if args.all_workers else '0')
+  ]
 
 
 def status_commands(args):
@@ -124,9 +157,15 @@ def delete_commands(args):
   return [_base(args, 'tpu-vm', 'delete') + ['--quiet']]
 
 
-COMMANDS = {'create': create_commands, 'setup': setup_commands, 'run': run_commands,
-            'logs': logs_commands, 'status': status_commands, 'stop': stop_commands,
-            'delete': delete_commands}
+COMMANDS = {
+  'create': create_commands,
+  'setup': setup_commands,
+  'run': run_commands,
+  'logs': logs_commands,
+  'status': status_commands,
+  'stop': stop_commands,
+  'delete': delete_commands,
+}
 
 
 def show(command) -> str:
@@ -181,7 +220,7 @@ def parse(argv):
   parser.add_argument('--dry_run', action='store_true', help='print the gcloud commands only')
   cut = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:cut])
-  args.train_args = argv[cut + 1:]  # everything after --: the lmjax.train arguments
+  args.train_args = argv[cut + 1 :]  # everything after --: the lmjax.train arguments
   return args
 
 

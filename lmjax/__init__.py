@@ -1,4 +1,5 @@
 """lmjax: JAX/TPU-native language model training."""
+
 import os
 
 # TensorFlow is used only for tf.data and tfds; keep it quiet and off accelerators.

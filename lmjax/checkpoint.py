@@ -9,6 +9,7 @@ Resume order: the tokenizer is checked first (it fixes the vocabulary), then
 the parameter shapes against the configured model, then the state is restored
 straight into its sharded layout.
 """
+
 import contextlib
 import os
 import re
@@ -20,8 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax import config as config_lib
-from lmjax import fs
-from lmjax import storage
+from lmjax import fs, storage
 from lmjax.data import tokenizers
 
 ITEMS = ('state', 'config', 'tokenizer')
@@ -36,13 +36,15 @@ def quiet_logs() -> None:
   import logging as std_logging
 
   from absl import flags, logging
+
   if 'verbosity' not in flags.FLAGS or not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
   # An asynchronous save that fails logs its traceback from Orbax's thread, then
   # raises the same error in the main thread, which lmjax reports in one line.
   std_logging.getLogger('absl').addFilter(
-      lambda record: '_SignalingThread.run() raised an exception' not in str(record.msg))
+    lambda record: '_SignalingThread.run() raised an exception' not in str(record.msg)
+  )
   default_hook = sys.unraisablehook
 
   def hook(unraisable):
@@ -71,13 +73,16 @@ ERRORS = (CheckpointError, CheckpointIOError)  # what entry points report as `er
 IO_ATTEMPTS = 3  # reads of a step that fail with an I/O error are tried this often
 RETRY_DELAY_S = 1.0  # before the second attempt; doubled before each later one
 
+
 def describe_failure(error: BaseException, workdir: str = '') -> str:
   """The message of an error an entry point reports; a full disk, wherever it
   surfaced (a checkpoint, metrics.jsonl, TensorBoard), says so in one line."""
   if storage.is_disk_full(error) and not isinstance(error, CheckpointIOError):
-    return (f'disk full: cannot write to {workdir or "the workdir"} ({storage.brief(error)}). '
-            'Free space there or use another --workdir; the checkpoints already written are '
-            'intact')
+    return (
+      f'disk full: cannot write to {workdir or "the workdir"} ({storage.brief(error)}). '
+      'Free space there or use another --workdir; the checkpoints already written are '
+      'intact'
+    )
   return str(error)
 
 
@@ -91,18 +96,21 @@ def save_errors(checkpoints, step):
   except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
     if not storage.is_io_failure(error):
       raise
-    failed = re.search(r'/(\d+)\.orbax-checkpoint-tmp',  # the save in flight
-                       ' '.join(str(link) for link in storage.chain(error)))
+    failed = re.search(
+      r'/(\d+)\.orbax-checkpoint-tmp',  # the save in flight
+      ' '.join(str(link) for link in storage.chain(error)),
+    )
     step = int(failed.group(1)) if failed else step
     path = _step_path(checkpoints, step)
     kept = [s for s in checkpoints.all_steps() if s != step]
     previous = f'step {max(kept)}' if kept else 'none'
     cause = 'disk full' if storage.is_disk_full(error) else 'storage error'
     raise CheckpointIOError(
-        f'{cause}: could not write checkpoint step {step} to {path} '
-        f'({storage.brief(error)}). The checkpoints already written are intact (newest: '
-        f'{previous}). Free space or fix access there, or use another --workdir; then run '
-        'again to resume') from error
+      f'{cause}: could not write checkpoint step {step} to {path} '
+      f'({storage.brief(error)}). The checkpoints already written are intact (newest: '
+      f'{previous}). Free space or fix access there, or use another --workdir; then run '
+      'again to resume'
+    ) from error
 
 
 def _attempt(read, step: int, path: str, what: str):
@@ -114,14 +122,16 @@ def _attempt(read, step: int, path: str, what: str):
       raise
     except Exception as error:  # noqa: BLE001 - Orbax, TensorStore and the OS raise many kinds
       if not storage.is_io_failure(error):
-        raise CheckpointDamaged(f'checkpoint step {step} at {path} is damaged: cannot read '
-                                f'{what} ({storage.brief(error)})') from error
+        raise CheckpointDamaged(
+          f'checkpoint step {step} at {path} is damaged: cannot read '
+          f'{what} ({storage.brief(error)})'
+        ) from error
       if attempt + 1 == IO_ATTEMPTS:
         raise CheckpointIOError(
-            f'checkpoint step {step} at {path}: reading {what} failed {IO_ATTEMPTS} times with '
-            f'a storage error ({storage.brief(error)}). That is not damage, so no older step '
-            'was used: fix access to the storage (permissions, network, space) and run again'
-            ) from error
+          f'checkpoint step {step} at {path}: reading {what} failed {IO_ATTEMPTS} times with '
+          f'a storage error ({storage.brief(error)}). That is not damage, so no older step '
+          'was used: fix access to the storage (permissions, network, space) and run again'
+        ) from error
       time.sleep(RETRY_DELAY_S * 2**attempt)
   raise AssertionError('unreachable')
 
@@ -137,21 +147,27 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   other device count ("Topology mismatch"); without it, that restore returns
   numpy arrays anywhere. lmjax always restores into explicit shardings."""
   registry = ocp.type_handlers.create_type_handler_registry(
-      (jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False)))
+    (jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False))
+  )
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _handlers(*extra: str) -> dict:
-  return {'state': _state_handler(), 'config': ocp.JsonCheckpointHandler(),
-          'tokenizer': ocp.JsonCheckpointHandler(),
-          **{item: ocp.JsonCheckpointHandler() for item in extra}}
+  return {
+    'state': _state_handler(),
+    'config': ocp.JsonCheckpointHandler(),
+    'tokenizer': ocp.JsonCheckpointHandler(),
+    **{item: ocp.JsonCheckpointHandler() for item in extra},
+  }
 
 
 def manager(workdir: str, checkpoint_config=None, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=checkpoint_config.keep if checkpoint_config else None,
-      enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
-      create=not read_only, read_only=read_only)
+    max_to_keep=checkpoint_config.keep if checkpoint_config else None,
+    enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
+    create=not read_only,
+    read_only=read_only,
+  )
   return ocp.CheckpointManager(directory(workdir), options=options, item_handlers=_handlers())
 
 
@@ -171,23 +187,34 @@ def check_space(checkpoints, step: int, state) -> None:
   if '://' in path:
     return
   checkpoints.wait_until_finished()  # the previous step's bytes are on disk now
-  needed = SPACE_MARGIN + sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state)
-                              if hasattr(leaf, 'nbytes'))
+  needed = SPACE_MARGIN + sum(
+    int(leaf.nbytes) for leaf in jax.tree.leaves(state) if hasattr(leaf, 'nbytes')
+  )
   free = shutil.disk_usage(path).free
   if free < needed:
     kept = checkpoints.all_steps()
     raise CheckpointIOError(
-        f'disk full: checkpoint step {step} needs up to {needed / 2**20:.1f} MiB in {path}, '
-        f'but {free / 2**20:.1f} MiB are free there. The checkpoints already written are '
-        f'intact (newest: {f"step {max(kept)}" if kept else "none"}). Free space or use '
-        'another --workdir, then run again to resume')
+      f'disk full: checkpoint step {step} needs up to {needed / 2**20:.1f} MiB in {path}, '
+      f'but {free / 2**20:.1f} MiB are free there. The checkpoints already written are '
+      f'intact (newest: {f"step {max(kept)}" if kept else "none"}). Free space or use '
+      'another --workdir, then run again to resume'
+    )
 
 
-def save(checkpoints: ocp.CheckpointManager, step: int, state, config_json: dict,
-         tokenizer_json: dict, metrics: dict | None = None) -> None:
+def save(
+  checkpoints: ocp.CheckpointManager,
+  step: int,
+  state,
+  config_json: dict,
+  tokenizer_json: dict,
+  metrics: dict | None = None,
+) -> None:
   check_space(checkpoints, step, state)
-  items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config_json),
-               tokenizer=ocp.args.JsonSave(tokenizer_json))
+  items = dict(
+    state=ocp.args.PyTreeSave(state),
+    config=ocp.args.JsonSave(config_json),
+    tokenizer=ocp.args.JsonSave(tokenizer_json),
+  )
   if metrics is not None:  # the best-checkpoint manager records why it kept the step
     items['metrics'] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()})
   checkpoints.save(step, args=ocp.args.Composite(**items), force=True)
@@ -209,9 +236,12 @@ def _step_path(checkpoints, step) -> str:
 
 
 def read_json(checkpoints, step: int, item: str) -> dict:
-  restored = _attempt(lambda: checkpoints.restore(
-      step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})),
-      step, _step_path(checkpoints, step), repr(item))
+  restored = _attempt(
+    lambda: checkpoints.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})),
+    step,
+    _step_path(checkpoints, step),
+    repr(item),
+  )
   return restored[item]
 
 
@@ -223,32 +253,48 @@ def _shapes(tree) -> dict:
 def check_shapes(checkpoints, step: int, abstract_params, allow_unused: bool = False) -> None:
   """Raises CheckpointError listing every parameter whose shape differs
   (`allow_unused`: parameters only the checkpoint has are not a difference)."""
-  saved = _attempt(lambda: _shapes(checkpoints.item_metadata(step)['state']['params']),
-                   step, _step_path(checkpoints, step), 'its metadata')
+  saved = _attempt(
+    lambda: _shapes(checkpoints.item_metadata(step)['state']['params']),
+    step,
+    _step_path(checkpoints, step),
+    'its metadata',
+  )
   wanted = _shapes(abstract_params)
   differences = []
   for name in sorted(set(saved) | set(wanted)):
     if allow_unused and name not in wanted:
       continue
     if saved.get(name) != wanted.get(name):
-      differences.append(f'  params{name}: checkpoint {saved.get(name, "absent")}, '
-                         f'model {wanted.get(name, "absent")}')
+      differences.append(
+        f'  params{name}: checkpoint {saved.get(name, "absent")}, '
+        f'model {wanted.get(name, "absent")}'
+      )
   if differences:
     shown = '\n'.join(differences[:12]) + ('\n  ...' if len(differences) > 12 else '')
     raise CheckpointError(
-        f'checkpoint step {step} at {_step_path(checkpoints, step)} was made with a different '
-        f'model shape ({len(differences)} parameter(s) differ):\n{shown}\n'
-        'Use the config the run was trained with, or another workdir.')
+      f'checkpoint step {step} at {_step_path(checkpoints, step)} was made with a different '
+      f'model shape ({len(differences)} parameter(s) differ):\n{shown}\n'
+      'Use the config the run was trained with, or another workdir.'
+    )
 
 
 def restore_state(checkpoints, step: int, abstract_state):
   """Restores the TrainState at `step` into the shardings of `abstract_state`."""
   check_shapes(checkpoints, step, abstract_state.params)
-  restored = _attempt(lambda: checkpoints.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
+  restored = _attempt(
+    lambda: checkpoints.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
           item=abstract_state,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))),
-      step, _step_path(checkpoints, step), "'state'")
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        )
+      ),
+    ),
+    step,
+    _step_path(checkpoints, step),
+    "'state'",
+  )
   return restored['state']
 
 
@@ -257,9 +303,10 @@ def check_tokenizer(checkpoints, step: int, tokenizer) -> None:
   saved = tokenizers.from_json(read_json(checkpoints, step, 'tokenizer')).fingerprint()
   current = tokenizer.fingerprint()
   if saved != current:
-    raise CheckpointError(f'checkpoint step {step} at {_step_path(checkpoints, step)} was made '
-                          f'with tokenizer {saved}, but this run uses {current}')
-
+    raise CheckpointError(
+      f'checkpoint step {step} at {_step_path(checkpoints, step)} was made '
+      f'with tokenizer {saved}, but this run uses {current}'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -270,10 +317,12 @@ BEST = 'best'  # WORKDIR/checkpoints_best/<step>: the step with the lowest valid
 
 def best_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
   """Holds one checkpoint: the best evaluation so far (kept apart from the last N)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(os.path.join(fs.absolute(workdir), 'checkpoints_best'),
-                               options=options, item_handlers=_handlers('metrics'))
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(
+    os.path.join(fs.absolute(workdir), 'checkpoints_best'),
+    options=options,
+    item_handlers=_handlers('metrics'),
+  )
 
 
 def candidate_steps(workdir: str, step: str = 'latest'):
@@ -284,8 +333,10 @@ def candidate_steps(workdir: str, step: str = 'latest'):
   if step == BEST:
     checkpoints = best_manager(workdir, read_only=True)
     if not checkpoints.all_steps():
-      raise CheckpointError(f'no best checkpoint in {checkpoints.directory} (evaluations during '
-                            'training keep one when checkpoint.keep_best is on)')
+      raise CheckpointError(
+        f'no best checkpoint in {checkpoints.directory} (evaluations during '
+        'training keep one when checkpoint.keep_best is on)'
+      )
     return checkpoints, sorted(checkpoints.all_steps())[-1:]
   checkpoints = manager(workdir, read_only=True)
   steps = sorted(checkpoints.all_steps())
@@ -296,10 +347,13 @@ def candidate_steps(workdir: str, step: str = 'latest'):
   try:
     chosen = int(step)
   except ValueError:
-    raise CheckpointError(f"--step must be 'latest', 'best' or a step number; got {step!r}")
+    raise CheckpointError(
+      f"--step must be 'latest', 'best' or a step number; got {step!r}"
+    ) from None
   if chosen not in steps:
-    raise CheckpointError(f'no checkpoint for step {chosen} in {directory(workdir)}; steps '
-                          f'present: {steps}')
+    raise CheckpointError(
+      f'no checkpoint for step {chosen} in {directory(workdir)}; steps present: {steps}'
+    )
   return checkpoints, [chosen]
 
 
@@ -309,7 +363,8 @@ def check_intact(checkpoints, step: int) -> None:
   `read_json`, `check_shapes`, `restore_params`.)"""
   path = _step_path(checkpoints, step)
   for item in ITEMS:
-    if not _attempt(lambda: fs.isdir(os.path.join(path, item)), step, path, repr(item)):
+    present = _attempt(lambda item=item: fs.isdir(os.path.join(path, item)), step, path, repr(item))
+    if not present:
       raise CheckpointDamaged(f'checkpoint step {step} at {path} is damaged: {item!r} is missing')
 
 
@@ -334,8 +389,10 @@ def newest_intact(workdir: str, step: str, read, log=print, what: str = ''):
       log(f'warning: {what}{error}; falling back to the previous step')
       continue
     if i:
-      log(f'warning: {what}using step {chosen}, the newest intact checkpoint in '
-          f'{checkpoints.directory}')
+      log(
+        f'warning: {what}using step {chosen}, the newest intact checkpoint in '
+        f'{checkpoints.directory}'
+      )
     return checkpoints, chosen, result
   raise AssertionError('unreachable')
 
@@ -362,6 +419,7 @@ def resume_point(workdir: str, read, log=print):
     log(f'warning: moved damaged checkpoint step {skipped} to {target} (kept, not deleted)')
   if newer and jax.process_count() > 1:
     from jax.experimental import multihost_utils  # only multi-process runs need the barrier
+
     multihost_utils.sync_global_devices('lmjax: damaged checkpoints moved aside')
   return step, result
 
@@ -376,8 +434,13 @@ def restore_params(checkpoints, step: int, abstract_params, allow_unused: bool =
 
   def read():
     with ocp.PyTreeCheckpointer() as checkpointer:
-      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
+      return checkpointer.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        ),
+      )
 
   return _attempt(read, step, _step_path(checkpoints, step), 'its parameters')['params']

@@ -7,6 +7,7 @@ macro averages are unweighted over all `num_classes` classes (as with
 half a correctly ordered pair (the Mann-Whitney U statistic), which equals the
 trapezoidal area under the ROC curve.
 """
+
 import numpy as np
 
 
@@ -31,8 +32,9 @@ def classification_metrics(labels, probabilities, num_classes: int) -> dict:
   predictions = np.argmax(probabilities, axis=1)
 
   # One bincount over (label, prediction) pairs gives the whole confusion matrix.
-  confusion = np.bincount(labels * num_classes + predictions,
-                          minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+  confusion = np.bincount(
+    labels * num_classes + predictions, minlength=num_classes * num_classes
+  ).reshape(num_classes, num_classes)
   true_positives = np.diag(confusion).astype(np.float64)
   predicted = confusion.sum(axis=0).astype(np.float64)
   actual = confusion.sum(axis=1).astype(np.float64)
@@ -43,11 +45,11 @@ def classification_metrics(labels, probabilities, num_classes: int) -> dict:
   f1 = _safe_divide(2.0 * true_positives, predicted + actual)
 
   result = {
-      'accuracy': float(true_positives.sum() / labels.size),
-      'precision_macro': float(precision.mean()),
-      'recall_macro': float(recall.mean()),
-      'f1_macro': float(f1.mean()),
-      'examples': float(labels.size),
+    'accuracy': float(true_positives.sum() / labels.size),
+    'precision_macro': float(precision.mean()),
+    'recall_macro': float(recall.mean()),
+    'f1_macro': float(f1.mean()),
+    'examples': float(labels.size),
   }
   if num_classes == 2:
     result['precision'] = float(precision[1])
@@ -77,8 +79,7 @@ def _check_labels(labels, num_classes: int) -> np.ndarray:
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f'labels must be integers, got dtype {labels.dtype}')
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f'labels must lie in [0, {num_classes}), got '
-                     f'[{labels.min()}, {labels.max()}]')
+    raise ValueError(f'labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]')
   return labels.astype(np.int64)
 
 
@@ -86,8 +87,9 @@ def _check_inputs(labels, probabilities, num_classes: int):
   labels = _check_labels(labels, num_classes)
   probabilities = np.asarray(probabilities, dtype=np.float64)
   if probabilities.shape != (labels.size, num_classes):
-    raise ValueError(f'probabilities must have shape {(labels.size, num_classes)}, '
-                     f'got {probabilities.shape}')
+    raise ValueError(
+      f'probabilities must have shape {(labels.size, num_classes)}, got {probabilities.shape}'
+    )
   if np.isnan(probabilities).any():
     raise ValueError('probabilities contain nan')
   return labels, probabilities
@@ -95,8 +97,7 @@ def _check_inputs(labels, probabilities, num_classes: int):
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
   """numerator / denominator, and 0 where the denominator is 0 (zero_division=0)."""
-  return np.divide(numerator, denominator, out=np.zeros_like(numerator),
-                   where=denominator > 0)
+  return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
 def _binary_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
@@ -117,6 +118,7 @@ def _binary_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
   negatives_in_group = np.bincount(group[~is_positive], minlength=num_groups)
   # Groups are in increasing score order, so this counts negatives strictly below.
   negatives_below = np.cumsum(negatives_in_group) - negatives_in_group
-  twice_ordered_pairs = (2 * np.dot(positives_in_group, negatives_below)
-                         + np.dot(positives_in_group, negatives_in_group))
+  twice_ordered_pairs = 2 * np.dot(positives_in_group, negatives_below) + np.dot(
+    positives_in_group, negatives_in_group
+  )
   return float(twice_ordered_pairs / (2.0 * positives * negatives))

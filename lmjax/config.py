@@ -6,12 +6,13 @@ examples style); `--config configs/x.py:arg` passes `arg`, and
 fails, and `check_overrides` makes that failure name the valid keys before
 absl's parser gets a chance to print a traceback.
 """
+
 import importlib.util
 import json
 import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -50,10 +51,14 @@ def check_key_path(config: ml_collections.ConfigDict, dotted: str) -> None:
   for key in dotted.split('.'):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
       where = '.'.join(walked) or 'the config root'
-      valid = _valid_keys(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else (
-          f'none: {".".join(walked)} is a value, not a section')
-      raise ConfigError(f'unknown config key {dotted!r}: {key!r} is not in {where}; '
-                        f'valid keys there: {valid}')
+      valid = (
+        _valid_keys(node)
+        if isinstance(node, (ml_collections.ConfigDict, dict))
+        else (f'none: {".".join(walked)} is a value, not a section')
+      )
+      raise ConfigError(
+        f'unknown config key {dotted!r}: {key!r} is not in {where}; valid keys there: {valid}'
+      )
     node = node[key]
     walked.append(key)
 
@@ -65,7 +70,7 @@ def config_spec_from_argv(argv: Sequence[str], flag: str = 'config') -> str | No
   for i, arg in enumerate(argv):
     for prefix in (f'--{flag}=', f'-{flag}='):
       if arg.startswith(prefix):
-        return arg[len(prefix):]
+        return arg[len(prefix) :]
     if arg in (f'--{flag}', f'-{flag}') and i + 1 < len(argv):
       return argv[i + 1]
   return None
@@ -87,12 +92,14 @@ def define_config_flag(default: str | None = None) -> None:
   `--config.*` override in sys.argv: a mistyped key exits here, naming the
   valid ones, before anything runs."""
   from ml_collections import config_flags
+
   try:
     check_overrides(sys.argv[1:])
   except ConfigError as error:
     sys.exit(f'error: {error}')
-  config_flags.DEFINE_config_file('config', default, 'Config file (configs/x.py[:arg]).',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', default, 'Config file (configs/x.py[:arg]).', lock_config=True
+  )
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -111,12 +118,14 @@ def from_json(text_or_dict) -> ml_collections.ConfigDict:
         merge(node[key], value)
       else:
         node[key] = value
+
   merge(config, data)
   return config
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> str:
   from lmjax import fs  # here, not at the top: loading a config needs no TensorFlow
+
   path = os.path.join(workdir, 'config.json')
   with fs.open(path, 'w') as f:
     f.write(to_json(config) + '\n')
@@ -157,7 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.0  # Share of files carved out for test (no glob; 0 = no test split).
   c.data.documents = ''  # Cut records into 'paragraphs' or 'lines' ('' = a record is a document).
   c.data.seq_len = 128  # Tokens per training example (the context length).
-  c.data.layout = 'windows'  # 'windows', 'packed' (documents apart) or 'stream' (see lmjax.data.pipeline).
+  c.data.layout = (
+    'windows'  # 'windows', 'packed' (documents apart) or 'stream' (see lmjax.data.pipeline).
+  )
   c.data.append_eos = True  # Append the end-of-document token to every document.
   c.data.invalid_utf8 = 'error'  # Local files: 'error' (naming file and byte offset) or 'replace'.
   c.data.clean = ml_collections.ConfigDict()  # Same cleaning for training, evaluation, prompts.
@@ -176,13 +187,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.classify.label_key = 'label'  # Label feature (tfds) or column (CSV/TSV/JSONL files).
   c.classify.num_classes = 0  # Classes (0 = from the training labels).
   c.classify.label_names = ''  # Comma-separated names of text labels, in class order ('' = sorted).
-  c.classify.pooling = 'auto'  # 'mean', 'first' or 'last' token ('auto': mean for encoders, else last).
+  c.classify.pooling = (
+    'auto'  # 'mean', 'first' or 'last' token ('auto': mean for encoders, else last).
+  )
 
   c.finetune = ml_collections.ConfigDict()  # With init_from.
   c.finetune.mode = 'full'  # 'full', 'frozen' (only the new head trains) or 'lora'.
   c.finetune.lora_rank = 8  # LoRA: rank of each adapter.
   c.finetune.lora_alpha = 16.0  # LoRA: the adapters' update is scaled by alpha / rank.
-  c.finetune.lora_targets = r'(qkv|out|up|down|gate_up)/kernel$'  # LoRA: regex over parameter paths.
+  c.finetune.lora_targets = (
+    r'(qkv|out|up|down|gate_up)/kernel$'  # LoRA: regex over parameter paths.
+  )
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = 'bytes'  # 'bytes', 'chars', 'words' or 'sentencepiece'.
@@ -190,7 +205,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.vocab_size = 4096  # sentencepiece: vocabulary size to train.
   c.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'.
   c.tokenizer.sample_chars = 10_000_000  # sentencepiece: characters of training text to learn from.
-  c.tokenizer.word_split = 'whitespace'  # words: 'whitespace' (pre-tokenized, PTB) or 'punctuation'.
+  c.tokenizer.word_split = (
+    'whitespace'  # words: 'whitespace' (pre-tokenized, PTB) or 'punctuation'.
+  )
   c.tokenizer.max_size = 0  # words: vocabulary size cap, specials included (0 = every word).
   c.tokenizer.min_count = 1  # words: rarer words become <unk>.
 
@@ -200,7 +217,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4  # Attention heads.
   c.model.embed_dim = 128  # Residual stream width / recurrent models' embedding size.
   c.model.hidden_dim = 0  # Recurrent models: hidden units per layer (0 = embed_dim).
-  c.model.init_scale = 0.0  # Recurrent models: uniform(-s, s) init of every parameter (0 = 1/sqrt(hidden)).
+  c.model.init_scale = (
+    0.0  # Recurrent models: uniform(-s, s) init of every parameter (0 = 1/sqrt(hidden)).
+  )
   c.model.mlp_dim = 0  # MLP hidden width (0 = 4 * embed_dim, or 8/3 * embed_dim for swiglu).
   c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'.
   c.model.positions = 'learned'  # 'learned' or 'rope'.
@@ -208,7 +227,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0  # Dropout on embeddings and residual branches.
   c.model.tie_embeddings = True  # Share the input embedding with the output projection.
   c.model.vocab_multiple = 1  # Pad the vocabulary to a multiple of this (e.g. 128 on TPU).
-  c.model.remat = 'none'  # Transformer blocks: 'none', 'full' (recompute all) or 'dots' (keep matmuls).
+  c.model.remat = (
+    'none'  # Transformer blocks: 'none', 'full' (recompute all) or 'dots' (keep matmuls).
+  )
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' for mixed precision).
   c.model.param_dtype = 'float32'  # Parameter storage dtype.
 
@@ -225,7 +246,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8  # Adam(W)/RMSprop epsilon.
   c.optimizer.momentum = 0.9  # SGD/RMSprop momentum (0 = none).
   c.optimizer.nesterov = False  # SGD: Nesterov momentum.
-  c.optimizer.weight_decay = 0.1  # Decoupled for adamw/adafactor, L2 otherwise; skips norms and biases.
+  c.optimizer.weight_decay = (
+    0.1  # Decoupled for adamw/adafactor, L2 otherwise; skips norms and biases.
+  )
   c.optimizer.grad_clip = 1.0  # Global-norm clipping (0 = off).
 
   c.train = ml_collections.ConfigDict()
@@ -233,8 +256,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 1000  # Optimizer steps (the schedule's length).
   c.train.microbatches = 1  # Gradient accumulation: microbatches per step (inside the jitted step).
   c.train.num_epochs = 0  # > 0: train this many passes over the split (sets num_steps).
-  c.train.carry_state = True  # Recurrent models, stream layout: carry the hidden state across steps.
-  c.train.loss_normalization = 'tokens'  # 'tokens' (mean), or 'rows' (summed over time, mean over rows: Zaremba et al.).
+  c.train.carry_state = (
+    True  # Recurrent models, stream layout: carry the hidden state across steps.
+  )
+  c.train.loss_normalization = (
+    'tokens'  # 'tokens' (mean), or 'rows' (summed over time, mean over rows: Zaremba et al.).
+  )
   c.train.stop_at = 0  # Stop with a checkpoint at this step, to resume later (0 = num_steps).
   c.train.log_every = 50  # Steps between progress lines and metric records.
   c.train.eval_every = 250  # Steps between evaluations (0 = only at the end).

@@ -27,6 +27,7 @@ device in the evaluation's gloo all-reduce, the other's launch blocked in
 for each program there before the next is dispatched, and XLA's in-process
 rendezvous waits for a late device instead of aborting after 40 s.
 """
+
 import ctypes
 import functools
 import math
@@ -53,8 +54,9 @@ def retain_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # not glibc (musl, ...)
     return False
-  return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and
-              mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+  return bool(
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+  )
 
 
 # XLA aborts the process when a device is 40 s late to an in-process collective
@@ -106,8 +108,9 @@ def split_cpu_host(config, multi_process: bool = False) -> int | None:
 def _patient_rendezvous() -> None:
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_cpu_collective_call_terminate_timeout_seconds' not in flags:
-    os.environ['XLA_FLAGS'] = (f'{flags} --xla_cpu_collective_call_terminate_timeout_seconds='
-                               f'{RENDEZVOUS_TERMINATE_S}').strip()
+    os.environ['XLA_FLAGS'] = (
+      f'{flags} --xla_cpu_collective_call_terminate_timeout_seconds={RENDEZVOUS_TERMINATE_S}'
+    ).strip()
 
 
 @functools.cache

@@ -3,6 +3,7 @@ checkpoint over any split, under the checkpoint's own tokenizer and cleaning.
 
     python -m lmjax.evaluate --workdir DIR [--step latest|best|N] [--split ...]
 """
+
 import json
 import os
 import sys
@@ -11,14 +12,8 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from lmjax import checkpoint
+from lmjax import checkpoint, cpu_host, distributed, finetune, sharding, tasks, train_state
 from lmjax import config as config_lib
-from lmjax import cpu_host
-from lmjax import distributed
-from lmjax import finetune
-from lmjax import sharding
-from lmjax import tasks
-from lmjax import train_state
 from lmjax.data import corpora
 
 
@@ -32,11 +27,14 @@ def restore_for_inference(workdir: str, step: str = 'latest', log=print):
   def read(checkpoints, chosen):
     config, tokenizer = checkpoint.read_run(checkpoints, chosen)
     model = tasks.build_model(config, tokenizer)
-    return config, tokenizer, model, _restore_model_params(config, model, checkpoints, chosen,
-                                                           mesh, log)
+    return (
+      config,
+      tokenizer,
+      model,
+      _restore_model_params(config, model, checkpoints, chosen, mesh, log),
+    )
 
-  _, chosen, (config, tokenizer, model, params) = checkpoint.newest_intact(workdir, step, read,
-                                                                           log)
+  _, chosen, (config, tokenizer, model, params) = checkpoint.newest_intact(workdir, step, read, log)
   return config, tokenizer, model, params, chosen, mesh
 
 
@@ -46,15 +44,22 @@ def _restore_model_params(config, model, checkpoints, step: int, mesh, log):
   if plan is None or plan.mode != 'lora':
     return checkpoint.restore_params(checkpoints, step, abstract)
   trainable = checkpoint.restore_params(
-      checkpoints, step, train_state.abstract_params(model, config.data.seq_len, mesh, plan))
+    checkpoints, step, train_state.abstract_params(model, config.data.seq_len, mesh, plan)
+  )
   pretrained = finetune.open_pretrained(config.init_from, log)
   base = finetune.restore_backbone(pretrained, finetune.subtree(abstract, plan.prefix))
   return jax.jit(plan.assemble)(trainable, finetune.nest(plan.prefix, base))
 
 
-def evaluate_checkpoint(workdir: str, step: str = 'latest', split: str | None = None,
-                        data_overrides: dict | None = None, max_batches: int = -1,
-                        batch_size: int = 0, log=print) -> dict:
+def evaluate_checkpoint(
+  workdir: str,
+  step: str = 'latest',
+  split: str | None = None,
+  data_overrides: dict | None = None,
+  max_batches: int = -1,
+  batch_size: int = 0,
+  log=print,
+) -> dict:
   """Metrics of `split` (default: the run's evaluation split) under the
   checkpoint's own tokenizer and cleaning: loss, perplexity, bits/byte,
   accuracy, tokens and bytes of a language model (mlm: of the masked
@@ -70,11 +75,20 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', split: str | None = 
   task_data = tasks.load_evaluation(config, tokenizer, split)
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
   carry = train_state.carry_rows(config, model) > 0
-  evaluator = tasks.make_evaluator(config, task_data, model, tokenizer, param_shardings, mesh,
-                                   carry)
+  evaluator = tasks.make_evaluator(
+    config, task_data, model, tokenizer, param_shardings, mesh, carry
+  )
   result = evaluator(params, max_batches)
-  result.update({'step': chosen, 'split': split, 'corpus': data.name, 'task': config.task,
-                 'tokenizer': tokenizer.fingerprint(), 'model': config.model.family})
+  result.update(
+    {
+      'step': chosen,
+      'split': split,
+      'corpus': data.name,
+      'task': config.task,
+      'tokenizer': tokenizer.fingerprint(),
+      'model': config.model.family,
+    }
+  )
   return result
 
 
@@ -85,7 +99,7 @@ def _data_overrides(argv) -> dict:
   for arg in argv:
     if not arg.startswith('--data.'):
       continue
-    key, _, text = arg[len('--data.'):].partition('=')
+    key, _, text = arg[len('--data.') :].partition('=')
     config_lib.check_key_path(defaults, key)
     if '.' in key:
       raise config_lib.ConfigError(f'--data.{key}: only top-level data fields can be set here')
@@ -101,11 +115,22 @@ def _main(argv):
   try:
     distributed.initialize_from_flags()
     log = lambda message: print(message, file=sys.stderr)
-    result = evaluate_checkpoint(flag_values.workdir, flag_values.step, flag_values.split or None,
-                                 _data_overrides(_DATA_ARGS), flag_values.eval_batches,
-                                 flag_values.batch_size, log)
-  except (*checkpoint.ERRORS, config_lib.ConfigError, corpora.CorpusError,
-          ValueError, distributed.DistributedError) as error:
+    result = evaluate_checkpoint(
+      flag_values.workdir,
+      flag_values.step,
+      flag_values.split or None,
+      _data_overrides(_DATA_ARGS),
+      flag_values.eval_batches,
+      flag_values.batch_size,
+      log,
+    )
+  except (
+    *checkpoint.ERRORS,
+    config_lib.ConfigError,
+    corpora.CorpusError,
+    ValueError,
+    distributed.DistributedError,
+  ) as error:
     sys.exit(f'error: {error}')
   text = json.dumps(result, indent=2, sort_keys=True)
   if jax.process_index() == 0:

@@ -25,6 +25,7 @@ A kernel of any rank is adapted as a matrix: its 'embed' axis on one side,
 every other axis flattened on the other (qkv [embed, 3, heads, kv] ->
 [embed, 3 * heads * kv]; out [heads, kv, embed] -> [heads * kv, embed]).
 """
+
 import dataclasses
 import math
 import re
@@ -34,8 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from lmjax import checkpoint
-from lmjax import train_state
+from lmjax import checkpoint, train_state
 from lmjax.data import tokenizers
 
 MODES = ('full', 'frozen', 'lora')
@@ -55,8 +55,10 @@ def _path_name(path) -> str:
 
 def flatten(tree, is_leaf=None) -> dict:
   """{'a/b/c': leaf} of a nested dict of parameters."""
-  return {_path_name(path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+  return {
+    _path_name(path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  }
 
 
 def _flatten_specs(specs) -> dict:
@@ -110,6 +112,7 @@ class Plan:
   """How a run fine-tunes: its mode, where the pre-trained tree sits in the model
   (`prefix`), the names of its leaves (`pretrained`, relative to the model's
   root) and, for LoRA, each target matrix as (name, rows, columns)."""
+
   mode: str
   prefix: tuple
   pretrained: frozenset
@@ -127,8 +130,10 @@ class Plan:
     pretrained = frozenset(pretrained_names)
     flat, flat_specs = flatten(params), _flatten_specs(specs)
     if mode == 'frozen' and all(name in pretrained for name in flat):
-      raise ValueError("finetune.mode='frozen' trains only new parameters (a classifier's "
-                       "head), and this model has none: use 'full' or 'lora'")
+      raise ValueError(
+        "finetune.mode='frozen' trains only new parameters (a classifier's "
+        "head), and this model has none: use 'full' or 'lora'"
+      )
     matrices = ()
     if mode == 'lora':
       if finetune_config.lora_rank < 1:
@@ -139,11 +144,14 @@ class Plan:
           split = _split_axis(tuple(flat_specs[name] or ()))
           matrices += ((name, math.prod(leaf.shape[:split]), math.prod(leaf.shape[split:])),)
       if not matrices:
-        raise ValueError(f'finetune.lora_targets={finetune_config.lora_targets!r} matches no '
-                         f'pre-trained matrix; parameter names look like: '
-                         f'{", ".join(sorted(flat)[:6])}')
-    return cls(mode, prefix, pretrained, finetune_config.lora_rank,
-               finetune_config.lora_alpha, matrices)
+        raise ValueError(
+          f'finetune.lora_targets={finetune_config.lora_targets!r} matches no '
+          f'pre-trained matrix; parameter names look like: '
+          f'{", ".join(sorted(flat)[:6])}'
+        )
+    return cls(
+      mode, prefix, pretrained, finetune_config.lora_rank, finetune_config.lora_alpha, matrices
+    )
 
   @property
   def scale(self) -> float:
@@ -163,11 +171,12 @@ class Plan:
   def wrap_optimizer(self, tx):
     """'frozen': `tx` on the new parameters, zero updates (and no state) on the rest."""
     import optax
+
     if self.mode != 'frozen':
       return tx
-    labels = lambda params: _unflatten({
-        name: 'frozen' if self.is_pretrained(name) else 'train'
-        for name in flatten(params)})
+    labels = lambda params: _unflatten(
+      {name: 'frozen' if self.is_pretrained(name) else 'train' for name in flatten(params)}
+    )
     return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
   # -- the trainable / frozen split (mode 'lora') ----------------------------------
@@ -187,8 +196,12 @@ class Plan:
       adapter_specs[name + '/a'] = adapter_specs[name + '/b'] = PartitionSpec()
     new, frozen = self._new_and_pretrained(flat)
     new_specs, frozen_specs = self._new_and_pretrained(flat_specs)
-    return ({'lora': _unflatten(adapters), 'new': new},
-            {'lora': _unflatten(adapter_specs), 'new': new_specs}, frozen, frozen_specs)
+    return (
+      {'lora': _unflatten(adapters), 'new': new},
+      {'lora': _unflatten(adapter_specs), 'new': new_specs},
+      frozen,
+      frozen_specs,
+    )
 
   def place_pretrained(self, params, pretrained):
     """`params` with the pre-trained tree at the plan's prefix."""
@@ -203,9 +216,9 @@ class Plan:
     adapters = {}
     for i, (name, rows, columns) in enumerate(self.matrices):
       dtype = flat[name].dtype
-      adapters[name + '/a'] = (jax.random.normal(jax.random.fold_in(rng, i),
-                                                 (rows, self.lora_rank), dtype)
-                               * jnp.asarray(rows ** -0.5, dtype))
+      adapters[name + '/a'] = jax.random.normal(
+        jax.random.fold_in(rng, i), (rows, self.lora_rank), dtype
+      ) * jnp.asarray(rows**-0.5, dtype)
       adapters[name + '/b'] = jnp.zeros((self.lora_rank, columns), dtype)
     new, frozen = self._new_and_pretrained(flat)
     return {'lora': _unflatten(adapters), 'new': new}, frozen
@@ -237,9 +250,11 @@ def plan_for(config, model) -> Plan | None:
 # ----------------------------------------------------------------------------
 # Reading the pre-training run.
 
+
 @dataclasses.dataclass
 class Pretrained:
   """The checkpoint `init_from` names: its step, config and tokenizer."""
+
   workdir: str
   step: int
   config: Any
@@ -255,7 +270,8 @@ def open_pretrained(init_from: str, log=print) -> Pretrained:
   config and tokenizer it was trained with."""
   workdir, step = parse_init_from(init_from)
   checkpoints, chosen, (config, tokenizer) = checkpoint.newest_intact(
-      workdir, step, checkpoint.read_run, log, what='init_from: ')
+    workdir, step, checkpoint.read_run, log, what='init_from: '
+  )
   return Pretrained(workdir, chosen, config, tokenizer, checkpoints)
 
 
@@ -265,16 +281,18 @@ def check_tokenizer_config(pretrained: Pretrained, tokenizer_config) -> None:
   saved = pretrained.tokenizer
   if tokenizer_config.kind != saved.kind:
     raise tokenizers.TokenizerError(
-        f'init_from {pretrained.describe()} was trained with a {saved.kind!r} tokenizer '
-        f'({saved.fingerprint()}), but this config asks for tokenizer.kind='
-        f'{tokenizer_config.kind!r}; fine-tuning uses the pre-trained tokenizer: set '
-        f'--config.tokenizer.kind={saved.kind}')
+      f'init_from {pretrained.describe()} was trained with a {saved.kind!r} tokenizer '
+      f'({saved.fingerprint()}), but this config asks for tokenizer.kind='
+      f'{tokenizer_config.kind!r}; fine-tuning uses the pre-trained tokenizer: set '
+      f'--config.tokenizer.kind={saved.kind}'
+    )
   if saved.kind == 'sentencepiece' and tokenizer_config.model_file:
     given = tokenizers.SentencePieceTokenizer.load(tokenizer_config.model_file)
     if given.fingerprint() != saved.fingerprint():
       raise tokenizers.TokenizerError(
-          f'tokenizer.model_file={tokenizer_config.model_file!r} ({given.fingerprint()}) is not '
-          f'the tokenizer of init_from {pretrained.describe()} ({saved.fingerprint()})')
+        f'tokenizer.model_file={tokenizer_config.model_file!r} ({given.fingerprint()}) is not '
+        f'the tokenizer of init_from {pretrained.describe()} ({saved.fingerprint()})'
+      )
 
 
 def restore_backbone(pretrained: Pretrained, abstract_backbone):
@@ -283,17 +301,18 @@ def restore_backbone(pretrained: Pretrained, abstract_backbone):
   checkpoint has beyond them (an LM's output layer) are not read. A shape that
   differs raises CheckpointError naming every difference."""
   try:
-    return checkpoint.restore_params(pretrained.checkpoints, pretrained.step, abstract_backbone,
-                                     allow_unused=True)
+    return checkpoint.restore_params(
+      pretrained.checkpoints, pretrained.step, abstract_backbone, allow_unused=True
+    )
   except checkpoint.CheckpointError as error:
     raise checkpoint.CheckpointError(
-        f'init_from {pretrained.describe()}: {error}\nThe fine-tuning config must build the '
-        'pre-trained model: the same model.* settings, and data.seq_len too with learned '
-        'positions.') from error
+      f'init_from {pretrained.describe()}: {error}\nThe fine-tuning config must build the '
+      'pre-trained model: the same model.* settings, and data.seq_len too with learned '
+      'positions.'
+    ) from error
 
 
 def pretrained_names(abstract_params, prefix: tuple) -> list[str]:
   """Every leaf under `prefix`, named from the model's root."""
   head = '/'.join(prefix)
-  return [f'{head}/{name}' if head else name
-          for name in flatten(subtree(abstract_params, prefix))]
+  return [f'{head}/{name}' if head else name for name in flatten(subtree(abstract_params, prefix))]

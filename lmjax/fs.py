@@ -3,6 +3,7 @@
 Everything lmjax writes besides checkpoints (Orbax handles those) goes through
 tf.io.gfile, which reads and writes local paths and gs:// alike.
 """
+
 import os
 
 import tensorflow as tf
@@ -48,6 +49,7 @@ def move_tree(source: str, target: str) -> None:
     relative = os.path.relpath(directory, source)
     tf.io.gfile.makedirs(os.path.join(target, relative))
     for name in files:
-      tf.io.gfile.copy(os.path.join(directory, name), os.path.join(target, relative, name),
-                       overwrite=True)
+      tf.io.gfile.copy(
+        os.path.join(directory, name), os.path.join(target, relative, name), overwrite=True
+      )
   tf.io.gfile.rmtree(source)

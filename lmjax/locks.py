@@ -16,6 +16,7 @@ another taker wrote in between, the later writer holds the lock and the
 earlier one is refused (object stores offer no compare-and-swap through
 tf.io.gfile; the wait makes the window small, not zero).
 """
+
 import datetime
 import json
 import os
@@ -33,16 +34,23 @@ class LockError(RuntimeError):
 
 def _record() -> dict:
   now = time.time()
-  return {'host': socket.gethostname(), 'pid': os.getpid(), 'started': now, 'heartbeat': now,
-          'command': ' '.join(sys.argv[:3])}
+  return {
+    'host': socket.gethostname(),
+    'pid': os.getpid(),
+    'started': now,
+    'heartbeat': now,
+    'command': ' '.join(sys.argv[:3]),
+  }
 
 
 def describe_holder(record: dict) -> str:
   started = record.get('started')
-  when = (datetime.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M:%S')
-          if isinstance(started, (int, float)) else 'an unknown time')
-  return (f'process {record.get("pid", "?")} on host {record.get("host", "?")}, started '
-          f'{when}')
+  when = (
+    datetime.datetime.fromtimestamp(started).strftime('%Y-%m-%d %H:%M:%S')
+    if isinstance(started, (int, float))
+    else 'an unknown time'
+  )
+  return f'process {record.get("pid", "?")} on host {record.get("host", "?")}, started {when}'
 
 
 def _same_holder(a: dict, b: dict) -> bool:
@@ -64,9 +72,16 @@ class Lock:
   (saying so once on stderr). Use as a context manager, or `acquire()` and
   `release()`; a process that ends releases a local lock by itself."""
 
-  def __init__(self, directory: str, name: str = 'lock', what: str = 'a run',
-               wait: bool = False, heartbeat_s: float = 60.0, stale_s: float = 600.0,
-               settle_s: float = 2.0):
+  def __init__(
+    self,
+    directory: str,
+    name: str = 'lock',
+    what: str = 'a run',
+    wait: bool = False,
+    heartbeat_s: float = 60.0,
+    stale_s: float = 600.0,
+    settle_s: float = 2.0,
+  ):
     self.directory, self.what, self.wait = directory, what, wait
     self.path = os.path.join(directory, name)
     self.remote = '://' in directory
@@ -83,8 +98,10 @@ class Lock:
     self.release()
 
   def refusal(self, holder: dict) -> str:
-    return (f'{self.directory} is in use by {self.what}: {describe_holder(holder)} holds the '
-            f'lock {self.path}. Wait for it to end or stop it, or use another directory.')
+    return (
+      f'{self.directory} is in use by {self.what}: {describe_holder(holder)} holds the '
+      f'lock {self.path}. Wait for it to end or stop it, or use another directory.'
+    )
 
   def acquire(self, poll_s: float = 1.0) -> None:
     told = False
@@ -95,14 +112,18 @@ class Lock:
       if not self.wait:
         raise LockError(self.refusal(holder))
       if not told:
-        print(f'waiting for {describe_holder(holder)}, which holds {self.path} '
-              f'({self.what})', file=sys.stderr, flush=True)
+        print(
+          f'waiting for {describe_holder(holder)}, which holds {self.path} ({self.what})',
+          file=sys.stderr,
+          flush=True,
+        )
         told = True
       time.sleep(poll_s)
 
   def _try_local(self) -> dict | None:
     """None once locked; else the holder's record."""
     import fcntl  # POSIX only, like flock itself
+
     tf.io.gfile.makedirs(self.directory)
     handle = open(self.path, 'a+', encoding='utf-8')
     try:
@@ -140,8 +161,11 @@ class Lock:
     if holder and time.time() - float(holder.get('heartbeat', 0)) < self.stale_s:
       return holder
     if holder:
-      print(f'warning: taking over the stale lock {self.path} of {describe_holder(holder)} '
-            f'(no heartbeat for over {self.stale_s:.0f}s)', file=sys.stderr)
+      print(
+        f'warning: taking over the stale lock {self.path} of {describe_holder(holder)} '
+        f'(no heartbeat for over {self.stale_s:.0f}s)',
+        file=sys.stderr,
+      )
     mine = _record()
     self._write_remote(mine)
     time.sleep(self.settle_s)
@@ -164,6 +188,7 @@ class Lock:
   def release(self) -> None:
     if self._file is not None:
       import fcntl
+
       fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
       self._file.close()
       self._file = None

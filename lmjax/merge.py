@@ -9,31 +9,39 @@ further `init_from` read it like any run, without the pre-training workdir.
 It holds no optimizer state: it is an end point (or a new start), not a run
 to resume.
 """
+
 import json
 import sys
 
 import jax
 from absl import app, flags
 
-from lmjax import checkpoint
+from lmjax import checkpoint, evaluate
 from lmjax import config as config_lib
-from lmjax import evaluate
 
 
 def merge(workdir: str, output: str, step: str = 'latest', log=print) -> int:
   """Writes the merged checkpoint of `workdir`'s `step` under `output`; returns the step."""
   config, tokenizer, _, params, chosen, _ = evaluate.restore_for_inference(workdir, step, log)
   if not (config.init_from and config.finetune.mode == 'lora'):
-    raise checkpoint.CheckpointError(f'{workdir} is not a LoRA run (init_from={config.init_from!r}, '
-                                     f'finetune.mode={config.finetune.mode!r}): nothing to merge')
+    raise checkpoint.CheckpointError(
+      f'{workdir} is not a LoRA run (init_from={config.init_from!r}, '
+      f'finetune.mode={config.finetune.mode!r}): nothing to merge'
+    )
   config.init_from = ''
   config.finetune.mode = 'full'
   checkpoints = checkpoint.manager(output)
   if chosen in checkpoints.all_steps():
-    raise checkpoint.CheckpointError(f'{checkpoint.directory(output)} already has step {chosen}; '
-                                     'choose another --output')
-  checkpoint.save(checkpoints, chosen, {'step': jax.numpy.asarray(chosen), 'params': params},
-                  json.loads(config_lib.to_json(config)), tokenizer.to_json())
+    raise checkpoint.CheckpointError(
+      f'{checkpoint.directory(output)} already has step {chosen}; choose another --output'
+    )
+  checkpoint.save(
+    checkpoints,
+    chosen,
+    {'step': jax.numpy.asarray(chosen), 'params': params},
+    json.loads(config_lib.to_json(config)),
+    tokenizer.to_json(),
+  )
   checkpoints.wait_until_finished()
   checkpoints.close()
   return chosen
@@ -44,8 +52,12 @@ def _main(argv):
   checkpoint.quiet_logs()
   values = flags.FLAGS
   try:
-    chosen = merge(values.workdir, values.output, values.step,
-                   log=lambda message: print(message, file=sys.stderr))
+    chosen = merge(
+      values.workdir,
+      values.output,
+      values.step,
+      log=lambda message: print(message, file=sys.stderr),
+    )
   except (*checkpoint.ERRORS, config_lib.ConfigError, ValueError) as error:
     sys.exit(f'error: {error}')
   print(f'merged step {chosen} of {values.workdir} into {checkpoint.directory(values.output)}')
@@ -53,8 +65,7 @@ def _main(argv):
 
 def run():
   flags.DEFINE_string('workdir', None, 'The LoRA run.', required=True)
-  flags.DEFINE_string('output', None, 'Directory to write the merged checkpoint to.',
-                      required=True)
+  flags.DEFINE_string('output', None, 'Directory to write the merged checkpoint to.', required=True)
   flags.DEFINE_string('step', 'latest', "'latest', 'best' or a step number.")
   app.run(_main)
 

@@ -1,4 +1,5 @@
 """Metric records (JSON lines + TensorBoard), FLOP counts and the matmul peak."""
+
 import functools
 import json
 import math
@@ -24,6 +25,7 @@ class MetricWriter:
     self._summary = None
     if enabled:
       import tensorflow as tf  # tf.summary; TensorFlow is already loaded for tf.data.
+
       self._tf = tf
       self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
@@ -51,8 +53,12 @@ def summarize(sums: dict) -> dict:
   """Metric sums -> loss, perplexity, accuracy (and bits per byte if bytes were counted)."""
   weight = max(float(sums['weight_sum']), 1.0)
   loss = float(sums['loss_sum']) / weight
-  result = {'loss': loss, 'perplexity': math.exp(min(loss, 80.0)),
-            'accuracy': float(sums['correct_sum']) / weight, 'tokens': float(sums['weight_sum'])}
+  result = {
+    'loss': loss,
+    'perplexity': math.exp(min(loss, 80.0)),
+    'accuracy': float(sums['correct_sum']) / weight,
+    'tokens': float(sums['weight_sum']),
+  }
   if 'byte_sum' in sums:
     num_bytes = max(float(sums['byte_sum']), 1.0)
     result['bits_per_byte'] = float(sums['loss_sum']) / math.log(2.0) / num_bytes
@@ -71,13 +77,14 @@ def flops_per_token(model, num_params: int) -> float:
   if getattr(model, 'recurrent', False):
     lookup = 0 if model.tie_embeddings else model.vocab_size * model.embed_dim
     return 6.0 * (num_params - lookup)
-  matmul_params = num_params - (model.max_len * model.embed_dim
-                                if getattr(model, 'positions', '') == 'learned' else 0)
+  matmul_params = num_params - (
+    model.max_len * model.embed_dim if getattr(model, 'positions', '') == 'learned' else 0
+  )
   attention = 12 * model.num_layers * model.max_len * model.embed_dim
   return 6.0 * matmul_params + attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_peak_flops(size: int = 1536, repeats: int = 4) -> float:
   """Peak f32 FLOP/s of this process' devices, from a large jitted matmul.
 

@@ -9,6 +9,7 @@ carried state. Prompts of different lengths are read token by token, then
 continued; greedy, temperature, top-k and top-p (nucleus) sampling; the loop
 stops at the end-of-document token or after max_new_tokens.
 """
+
 import functools
 import os
 import sys
@@ -16,12 +17,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from absl import app, flags
 
-from lmjax import checkpoint
-from lmjax import cpu_host
-from lmjax import evaluate
+from lmjax import checkpoint, cpu_host, evaluate
 from lmjax.data import cleaning
 from lmjax.models import recurrent as recurrent_lib
 
@@ -48,16 +46,27 @@ def _pick(logits, rng, position, temperature: float, top_k: int, top_p: float, v
   if temperature == 0.0:
     return jnp.argmax(filter_logits(logits, 1.0, 0, vocab_size), axis=-1)
   key = jax.random.fold_in(rng, position)
-  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, vocab_size,
-                                                    top_p))
+  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, vocab_size, top_p))
 
 
 _STATIC = ('model', 'total_len', 'temperature', 'top_k', 'top_p', 'vocab_size', 'eos_id')
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_recompute(params, buffer, prompt_lens, rng, *, model, total_len, temperature,
-                        top_k, top_p, vocab_size, eos_id):
+def _generate_recompute(
+  params,
+  buffer,
+  prompt_lens,
+  rng,
+  *,
+  model,
+  total_len,
+  temperature,
+  top_k,
+  top_p,
+  vocab_size,
+  eos_id,
+):
   """Decoding without a cache: every new token recomputes the model over the
   window of the last max_len tokens (the path for learned positions past the
   context). Prompts may differ in length: all rows share the window ending at
@@ -80,8 +89,20 @@ def _generate_recompute(params, buffer, prompt_lens, rng, *, model, total_len, t
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_stepwise(params, buffer, prompt_lens, rng, *, model, total_len, temperature,
-                       top_k, top_p, vocab_size, eos_id):
+def _generate_stepwise(
+  params,
+  buffer,
+  prompt_lens,
+  rng,
+  *,
+  model,
+  total_len,
+  temperature,
+  top_k,
+  top_p,
+  vocab_size,
+  eos_id,
+):
   """One token per row per step, in one `lax.while_loop`: a Transformer against its
   key/value cache, a recurrent model with its carried state. Row i reads its
   prompt (the first prompt_lens[i] tokens of buffer) and then generates; the loop
@@ -91,18 +112,24 @@ def _generate_stepwise(params, buffer, prompt_lens, rng, *, model, total_len, te
   if recurrent:
     state = recurrent_lib.initial_carry(model, rows)
   else:
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), buffer[:, :1], positions=jnp.zeros((rows, 1), jnp.int32),
-        decode=True))['cache']
+    shapes = jax.eval_shape(
+      lambda: model.init(
+        jax.random.key(0), buffer[:, :1], positions=jnp.zeros((rows, 1), jnp.int32), decode=True
+      )
+    )['cache']
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def step(token, position, state):
     if recurrent:
       logits, state = model.apply({'params': params}, token[:, None], carry=state)
       return logits[:, 0], state
-    logits, variables = model.apply({'params': params, 'cache': state}, token[:, None],
-                                    positions=jnp.full((rows, 1), position, jnp.int32),
-                                    decode=True, mutable=['cache'])
+    logits, variables = model.apply(
+      {'params': params, 'cache': state},
+      token[:, None],
+      positions=jnp.full((rows, 1), position, jnp.int32),
+      decode=True,
+      mutable=['cache'],
+    )
     return logits[:, 0], variables['cache']
 
   def cond(carry):
@@ -124,9 +151,21 @@ def _generate_stepwise(params, buffer, prompt_lens, rng, *, model, total_len, te
   return jax.lax.while_loop(cond, body, start)[2]
 
 
-def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
-             temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0, seed: int = 0,
-             num_samples: int = 1, eos_id: int = -1, use_cache: bool = True):
+def generate(
+  params,
+  model,
+  prompt_ids,
+  max_new_tokens: int,
+  *,
+  vocab_size: int,
+  temperature: float = 0.8,
+  top_k: int = 40,
+  top_p: float = 1.0,
+  seed: int = 0,
+  num_samples: int = 1,
+  eos_id: int = -1,
+  use_cache: bool = True,
+):
   """Continues each prompt by `max_new_tokens` tokens.
 
   `prompt_ids`: one non-empty id array (drawn `num_samples` times), or a list of
@@ -136,8 +175,11 @@ def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
   learned positions fall back to it when prompt + new tokens exceed the
   context); recurrent models step their carried state. Deterministic for a seed.
   """
-  prompts = [prompt_ids] if isinstance(prompt_ids, np.ndarray) or (
-      len(prompt_ids) and np.isscalar(prompt_ids[0])) else list(prompt_ids)
+  prompts = (
+    [prompt_ids]
+    if isinstance(prompt_ids, np.ndarray) or (len(prompt_ids) and np.isscalar(prompt_ids[0]))
+    else list(prompt_ids)
+  )
   prompts = [np.asarray(p, np.int32) for p in prompts for _ in range(num_samples)]
   if any(p.ndim != 1 or p.size == 0 for p in prompts):
     raise ValueError('generation needs a non-empty prompt (one token at least)')
@@ -145,16 +187,28 @@ def generate(params, model, prompt_ids, max_new_tokens: int, *, vocab_size: int,
   total_len = int(lengths.max()) + max_new_tokens
   buffer = np.zeros((len(prompts), total_len), np.int32)
   for row, p in enumerate(prompts):
-    buffer[row, :len(p)] = p
+    buffer[row, : len(p)] = p
   recurrent = getattr(model, 'recurrent', False)
   fits = recurrent or model.positions == 'rope' or total_len <= model.max_len
-  loop = _generate_recompute if not recurrent and (not use_cache or not fits) else (
-      _generate_stepwise)
-  out = np.asarray(loop(params, jnp.asarray(buffer), jnp.asarray(lengths), jax.random.key(seed),
-                        model=model, total_len=total_len, temperature=float(temperature),
-                        top_k=int(top_k), top_p=float(top_p), vocab_size=vocab_size,
-                        eos_id=int(eos_id)))
-  return np.stack([out[row, n:n + max_new_tokens] for row, n in enumerate(lengths)])
+  loop = (
+    _generate_recompute if not recurrent and (not use_cache or not fits) else (_generate_stepwise)
+  )
+  out = np.asarray(
+    loop(
+      params,
+      jnp.asarray(buffer),
+      jnp.asarray(lengths),
+      jax.random.key(seed),
+      model=model,
+      total_len=total_len,
+      temperature=float(temperature),
+      top_k=int(top_k),
+      top_p=float(top_p),
+      vocab_size=vocab_size,
+      eos_id=int(eos_id),
+    )
+  )
+  return np.stack([out[row, n : n + max_new_tokens] for row, n in enumerate(lengths)])
 
 
 def encode_prompt(tokenizer, prompt: str, clean_config=None) -> np.ndarray:
@@ -173,22 +227,32 @@ def decode_sample(tokenizer, ids) -> str:
   """Text of generated ids, stopping at the first end-of-document token."""
   ids = list(np.asarray(ids))
   if tokenizer.eos_id in ids:
-    ids = ids[:ids.index(tokenizer.eos_id)]
+    ids = ids[: ids.index(tokenizer.eos_id)]
   return tokenizer.decode(ids)
 
 
-def sample_text(params, model, tokenizer, sample_config, num_samples: int = 1,
-                clean_config=None, prompts=None) -> list[str]:
+def sample_text(
+  params, model, tokenizer, sample_config, num_samples: int = 1, clean_config=None, prompts=None
+) -> list[str]:
   """`num_samples` continuations of each prompt (default: sample_config.prompt), as text."""
   prompts = [sample_config.prompt] if prompts is None else list(prompts)
   encoded = [encode_prompt(tokenizer, prompt, clean_config) for prompt in prompts]
-  generated = generate(params, model, encoded, sample_config.max_new_tokens,
-                       vocab_size=tokenizer.vocab_size, temperature=sample_config.temperature,
-                       top_k=sample_config.top_k, top_p=sample_config.top_p,
-                       seed=sample_config.seed, num_samples=num_samples,
-                       eos_id=tokenizer.eos_id)
-  return [prompts[i // num_samples] + decode_sample(tokenizer, row)
-          for i, row in enumerate(generated)]
+  generated = generate(
+    params,
+    model,
+    encoded,
+    sample_config.max_new_tokens,
+    vocab_size=tokenizer.vocab_size,
+    temperature=sample_config.temperature,
+    top_k=sample_config.top_k,
+    top_p=sample_config.top_p,
+    seed=sample_config.seed,
+    num_samples=num_samples,
+    eos_id=tokenizer.eos_id,
+  )
+  return [
+    prompts[i // num_samples] + decode_sample(tokenizer, row) for i, row in enumerate(generated)
+  ]
 
 
 def _main(argv):
@@ -198,13 +262,16 @@ def _main(argv):
   flag_values = flags.FLAGS
   try:
     config, tokenizer, model, params, step, _ = evaluate.restore_for_inference(
-        flag_values.workdir, flag_values.step, log=lambda m: print(m, file=sys.stderr))
+      flag_values.workdir, flag_values.step, log=lambda m: print(m, file=sys.stderr)
+    )
   except checkpoint.ERRORS as error:
     sys.exit(f'error: {error}')
   if config.task != 'lm':
-    sys.exit(f"error: {flag_values.workdir} trained task={config.task!r} "
-             f"(model.family={config.model.family!r}); only a causal language model "
-             "(task='lm') generates text")
+    sys.exit(
+      f'error: {flag_values.workdir} trained task={config.task!r} '
+      f'(model.family={config.model.family!r}); only a causal language model '
+      "(task='lm') generates text"
+    )
   sample_config = config.sample
   for name in ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'):
     if flag_values[name].present:
@@ -214,8 +281,15 @@ def _main(argv):
     with open(flag_values.prompt_file, encoding='utf-8') as f:
       prompts += [line.rstrip('\n') for line in f if line.strip()]
   try:
-    texts = sample_text(params, model, tokenizer, sample_config, flag_values.num_samples,
-                        config.data.clean, prompts or None)
+    texts = sample_text(
+      params,
+      model,
+      tokenizer,
+      sample_config,
+      flag_values.num_samples,
+      config.data.clean,
+      prompts or None,
+    )
   except ValueError as error:
     sys.exit(str(error))
   for i, text in enumerate(texts):
@@ -225,11 +299,17 @@ def _main(argv):
 def run():
   flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
   flags.DEFINE_string('step', 'latest', "'latest' (newest intact), 'best', or a step number.")
-  flags.DEFINE_multi_string('prompt', None, 'Text to continue (repeat for a batch of prompts; '
-                            "none = the run's sample.prompt).")
+  flags.DEFINE_multi_string(
+    'prompt',
+    None,
+    "Text to continue (repeat for a batch of prompts; none = the run's sample.prompt).",
+  )
   flags.DEFINE_string('prompt_file', '', 'A file of prompts, one per line.')
-  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: keep the most likely tokens up to this '
-                     'probability mass (1 = all).')
+  flags.DEFINE_float(
+    'top_p',
+    1.0,
+    'Nucleus sampling: keep the most likely tokens up to this probability mass (1 = all).',
+  )
   flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
   flags.DEFINE_float('temperature', 0.8, 'Softmax temperature (0 = greedy).')
   flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens (0 = all).')

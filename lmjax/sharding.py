@@ -5,6 +5,7 @@ Models name the axes of every parameter and activation logically
 names onto the mesh axes `('data', 'fsdp', 'tensor')`. Changing the
 parallelism of a run is changing `config.mesh`, never the model.
 """
+
 import contextlib
 import math
 
@@ -17,18 +18,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 LOGICAL_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('length', None),
-    ('embed', 'fsdp'),
-    ('qkv', None),
-    ('heads', 'tensor'),
-    ('kv', None),
-    ('mlp', 'tensor'),
-    ('vocab', 'tensor'),
-    ('gates', None),  # recurrent models: gate axis of a cell's kernels
-    ('hidden', None),  # recurrent models: hidden units (outputs)
-    ('hidden_in', 'fsdp'),  # recurrent models: hidden units (inputs of W_hh)
-    ('classes', None),  # classifier head: output classes
+  ('batch', ('data', 'fsdp')),
+  ('length', None),
+  ('embed', 'fsdp'),
+  ('qkv', None),
+  ('heads', 'tensor'),
+  ('kv', None),
+  ('mlp', 'tensor'),
+  ('vocab', 'tensor'),
+  ('gates', None),  # recurrent models: gate axis of a cell's kernels
+  ('hidden', None),  # recurrent models: hidden units (outputs)
+  ('hidden_in', 'fsdp'),  # recurrent models: hidden units (inputs of W_hh)
+  ('classes', None),  # classifier head: output classes
 )
 
 
@@ -43,8 +44,10 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
       raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, '
-                     f'but {num_devices} are present')
+    raise ValueError(
+      f'mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, '
+      f'but {num_devices} are present'
+    )
   return tuple(sizes)
 
 
@@ -87,23 +90,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_size_check(global_batch: int, mesh: Mesh, what: str = 'train.batch_size') -> None:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch % shards or global_batch % jax.process_count():
-    raise ValueError(f'{what}={global_batch} must be divisible by the {shards} data-parallel '
-                     f'shards (mesh data x fsdp) and the {jax.process_count()} processes')
+    raise ValueError(
+      f'{what}={global_batch} must be divisible by the {shards} data-parallel '
+      f'shards (mesh data x fsdp) and the {jax.process_count()} processes'
+    )
 
 
 def make_global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """This process' rows -> global jax.Arrays sharded along the batch axis."""
   sharding = batch_sharding(mesh)
-  return {name: jax.make_array_from_process_local_data(sharding, value)
-          for name, value in local_batch.items()}
+  return {
+    name: jax.make_array_from_process_local_data(sharding, value)
+    for name, value in local_batch.items()
+  }
 
 
 def host_copy(tree):
   """Numpy copies of a tree of replicated (or pmap-replicated) arrays, from this
   host's first shard of each."""
+
   def first(x):
     if x is None or not hasattr(x, 'addressable_shards'):
       return x
     data = np.asarray(x.addressable_shards[0].data)
     return data.reshape(x.shape[1:]) if data.shape != x.shape else data
+
   return jax.tree.map(first, tree)

@@ -6,6 +6,7 @@ functools.partial and the result is jitted once with explicit shardings.
 Steps return sums and their denominators, never means, so metrics from many
 steps, devices or hosts add up exactly.
 """
+
 import functools
 
 import flax.linen as nn
@@ -37,10 +38,16 @@ def apply_model(model, params, batch, carry=None, **kwargs):
   segment_ids; recurrent models take the previous carry (None = zeros) and the
   batch's `reset` rows, and return the next carry (a Transformer's is None)."""
   if getattr(model, 'recurrent', False):
-    return model.apply({'params': params}, batch['inputs'], carry=carry,
-                       reset=batch.get('reset'), **kwargs)
-  logits = model.apply({'params': params}, batch['inputs'], positions=batch.get('positions'),
-                       segment_ids=batch.get('segment_ids'), **kwargs)
+    return model.apply(
+      {'params': params}, batch['inputs'], carry=carry, reset=batch.get('reset'), **kwargs
+    )
+  logits = model.apply(
+    {'params': params},
+    batch['inputs'],
+    positions=batch.get('positions'),
+    segment_ids=batch.get('segment_ids'),
+    **kwargs,
+  )
   return logits, None
 
 
@@ -51,12 +58,21 @@ def _sums(model, params, batch, rng, deterministic: bool, carry, frozen=None, pl
   `plan.assemble(params, frozen)`."""
   if plan is not None:
     params = plan.assemble(params, frozen)
-  logits, carry = apply_model(model, params, batch, carry, deterministic=deterministic,
-                              rngs=None if deterministic else {'dropout': rng})
+  logits, carry = apply_model(
+    model,
+    params,
+    batch,
+    carry,
+    deterministic=deterministic,
+    rngs=None if deterministic else {'dropout': rng},
+  )
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
-  sums = {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),
-          'weight_sum': jnp.sum(weights)}
+  sums = {
+    'loss_sum': jnp.sum(losses * weights),
+    'correct_sum': jnp.sum(correct * weights),
+    'weight_sum': jnp.sum(weights),
+  }
   return sums['loss_sum'], (sums, carry)
 
 
@@ -70,8 +86,9 @@ def _normalizer(sums, num_rows, normalization: str):
   raise ValueError(f"train.loss_normalization must be 'tokens' or 'rows'; got {normalization!r}")
 
 
-def loss_fn(params, model, batch, rng, deterministic: bool, carry=None,
-            normalization: str = 'tokens'):
+def loss_fn(
+  params, model, batch, rng, deterministic: bool, carry=None, normalization: str = 'tokens'
+):
   """The normalised loss of one batch; aux: (sums, carry)."""
   loss_sum, (sums, carry) = _sums(model, params, batch, rng, deterministic, carry)
   return loss_sum / _normalizer(sums, batch['inputs'].shape[0], normalization), (sums, carry)
@@ -80,7 +97,7 @@ def loss_fn(params, model, batch, rng, deterministic: bool, carry=None,
 def _split(x, microbatches: int, axis: int = 0):
   """[..., rows, ...] -> [microbatches, ..., rows / microbatches, ...]: microbatch m
   takes every m-th row, so each holds an equal share of every data shard."""
-  shape = x.shape[:axis] + (x.shape[axis] // microbatches, microbatches) + x.shape[axis + 1:]
+  shape = x.shape[:axis] + (x.shape[axis] // microbatches, microbatches) + x.shape[axis + 1 :]
   x = jnp.moveaxis(x.reshape(shape), axis + 1, 0)
   names = (None,) * (axis + 1) + ('batch',) + (None,) * (x.ndim - axis - 2)
   return nn.with_logical_constraint(x, names)
@@ -89,38 +106,52 @@ def _split(x, microbatches: int, axis: int = 0):
 def _merge(x, axis: int = 0):
   """Inverse of `_split`."""
   x = jnp.moveaxis(x, 0, axis + 1)
-  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
 
 
-def _summed_gradients(params, model, batch, rng, deterministic, carry, microbatches,
-                      frozen=None, plan=None):
+def _summed_gradients(
+  params, model, batch, rng, deterministic, carry, microbatches, frozen=None, plan=None
+):
   """Gradients of the summed loss, accumulated over `microbatches` inside the step."""
   grad_fn = functools.partial(jax.grad(_sums, argnums=1, has_aux=True), frozen=frozen, plan=plan)
   if microbatches == 1:
     return grad_fn(model, params, batch, rng, deterministic, carry)
   rows = batch['inputs'].shape[0]
   if rows % microbatches:
-    raise ValueError(f'train.microbatches={microbatches} does not divide the {rows} rows '
-                     'of a batch')
+    raise ValueError(
+      f'train.microbatches={microbatches} does not divide the {rows} rows of a batch'
+    )
   split_batch = jax.tree.map(lambda x: _split(x, microbatches), batch)
   split_carry = None if carry is None else _split(carry, microbatches, axis=2)
 
   def body(accumulated, inputs):
     index, micro, micro_carry = inputs
-    grads, (sums, new_carry) = grad_fn(model, params, micro, jax.random.fold_in(rng, index),
-                                       deterministic, micro_carry)
+    grads, (sums, new_carry) = grad_fn(
+      model, params, micro, jax.random.fold_in(rng, index), deterministic, micro_carry
+    )
     return jax.tree.map(jnp.add, accumulated, (grads, sums)), new_carry
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   zero_sums = {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
   (grads, sums), new_carry = jax.lax.scan(
-      body, (zeros, zero_sums), (jnp.arange(microbatches), split_batch, split_carry))
+    body, (zeros, zero_sums), (jnp.arange(microbatches), split_batch, split_carry)
+  )
   return grads, (sums, None if carry is None else _merge(new_carry, axis=2))
 
 
-def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
-               normalization: str = 'tokens', microbatches: int = 1, axis_name=None,
-               plan=None):
+def train_step(
+  state,
+  batch,
+  rng,
+  *,
+  model,
+  schedule,
+  deterministic: bool,
+  normalization: str = 'tokens',
+  microbatches: int = 1,
+  axis_name=None,
+  plan=None,
+):
   """One optimizer step; returns the new state and metric sums.
 
   Gradients of the summed loss are accumulated over `microbatches` (a lax.scan
@@ -130,8 +161,9 @@ def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
   the new one to the next step.
   """
   rng = jax.random.fold_in(rng, state.step)  # A resumed run draws the same randomness.
-  grads, (sums, carry) = _summed_gradients(state.params, model, batch, rng, deterministic,
-                                           state.carry, microbatches, state.frozen, plan)
+  grads, (sums, carry) = _summed_gradients(
+    state.params, model, batch, rng, deterministic, state.carry, microbatches, state.frozen, plan
+  )
   num_rows = batch['inputs'].shape[0]
   if axis_name is not None:  # pmap: every device's share of the global batch
     grads, sums = jax.lax.psum((grads, sums), axis_name)
@@ -141,8 +173,11 @@ def train_step(state, batch, rng, *, model, schedule, deterministic: bool,
   new_state = state.apply_gradients(grads)
   if state.carry is not None:
     new_state = new_state.replace(carry=carry)
-  metrics = dict(sums, grad_norm=optax.tree.norm(grads),
-                 learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+  metrics = dict(
+    sums,
+    grad_norm=optax.tree.norm(grads),
+    learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+  )
   return new_state, metrics
 
 
@@ -151,9 +186,12 @@ def eval_step(params, batch, carry, *, model, token_bytes):
   logits, carry = apply_model(model, params, batch, carry, deterministic=True)
   losses, correct = token_losses(logits, batch['targets'])
   weights = batch['weights']
-  return {'loss_sum': jnp.sum(losses * weights), 'correct_sum': jnp.sum(correct * weights),
-          'weight_sum': jnp.sum(weights),
-          'byte_sum': jnp.sum(token_bytes[batch['targets']] * weights)}, carry
+  return {
+    'loss_sum': jnp.sum(losses * weights),
+    'correct_sum': jnp.sum(correct * weights),
+    'weight_sum': jnp.sum(weights),
+    'byte_sum': jnp.sum(token_bytes[batch['targets']] * weights),
+  }, carry
 
 
 # ----------------------------------------------------------------------------
@@ -167,20 +205,29 @@ def make_train_step(config, model, schedule, plan=None):
   """`train_step` with every setting of `config` bound (dropout, loss
   normalization, microbatches, a LoRA plan): (state, batch, rng) -> (state, metrics)."""
   if config.parallelism not in PARALLELISMS:
-    raise ValueError(f'parallelism must be one of {", ".join(PARALLELISMS)}; got '
-                     f'{config.parallelism!r}')
-  return functools.partial(train_step, model=model, schedule=schedule,
-                           deterministic=config.model.dropout == 0.0,
-                           normalization=config.train.loss_normalization,
-                           microbatches=config.train.microbatches,
-                           plan=plan if plan is not None and plan.mode == 'lora' else None)
+    raise ValueError(
+      f'parallelism must be one of {", ".join(PARALLELISMS)}; got {config.parallelism!r}'
+    )
+  return functools.partial(
+    train_step,
+    model=model,
+    schedule=schedule,
+    deterministic=config.model.dropout == 0.0,
+    normalization=config.train.loss_normalization,
+    microbatches=config.train.microbatches,
+    plan=plan if plan is not None and plan.mode == 'lora' else None,
+  )
 
 
 def jit_train_step(step_fn, state_shardings, mesh):
   """The mesh path: one jitted step over global arrays with explicit shardings."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def pmap_train_step(step_fn, state):
@@ -189,24 +236,31 @@ def pmap_train_step(step_fn, state):
   across all devices by `psum`. Returns (replicated state, step taking
   host-local numpy batches)."""
   devices = jax.local_devices()
-  pmapped = jax.pmap(functools.partial(step_fn, axis_name='devices'), axis_name='devices',
-                     in_axes=(0, 0, None), donate_argnums=0)
+  pmapped = jax.pmap(
+    functools.partial(step_fn, axis_name='devices'),
+    axis_name='devices',
+    in_axes=(0, 0, None),
+    donate_argnums=0,
+  )
 
   def step(state, local_batch, rng):
     per_device = {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local_batch.items()}
     state, metrics = pmapped(state, per_device, rng)
     return state, jax.tree.map(lambda x: x[0], metrics)
 
-  per_device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('devices',)),
-                                          jax.sharding.PartitionSpec('devices'))
+  per_device = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(devices), ('devices',)), jax.sharding.PartitionSpec('devices')
+  )
   replicas = jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), per_device),
-      sharding.host_copy(state))
+    lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), per_device),
+    sharding.host_copy(state),
+  )
   return replicas, step
 
 
-def build_train_step(config, model, schedule, state, state_shardings, mesh, plan=None,
-                     carry_rows: int = 0):
+def build_train_step(
+  config, model, schedule, state, state_shardings, mesh, plan=None, carry_rows: int = 0
+):
   """(state, step) as `config.parallelism` runs them: the state as created, with a
   step jitted over the mesh; or the state replicated per device, with a pmapped
   step. A pmapped step takes host-local batches, a mesh step global ones."""
@@ -214,6 +268,8 @@ def build_train_step(config, model, schedule, state, state_shardings, mesh, plan
   if config.parallelism != 'pmap':
     return state, jit_train_step(step_fn, state_shardings, mesh)
   if carry_rows:
-    raise ValueError("parallelism='pmap' does not carry recurrent state: use the mesh "
-                     "path (parallelism='mesh') or train.carry_state=False")
+    raise ValueError(
+      "parallelism='pmap' does not carry recurrent state: use the mesh "
+      "path (parallelism='mesh') or train.carry_state=False"
+    )
   return pmap_train_step(step_fn, state)

@@ -6,16 +6,34 @@ storage failure means the newest step may be fine and the storage must be
 fixed (or the read retried). TensorStore, TensorFlow and the OS each say so
 in their own words; these functions read all three.
 """
+
 import errno
 import re
 
 # Words of storage failures (not damage) in TensorStore's, TensorFlow's and the OS's
 # messages. NOT_FOUND and DATA_LOSS are damage: the step is incomplete or corrupt.
-_IO_WORDS = ('PERMISSION_DENIED', 'Permission denied', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
-             'RESOURCE_EXHAUSTED', 'No space left', 'Input/output error', 'Connection reset',
-             'timed out', 'UNAUTHENTICATED')
-_IO_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOSPC, errno.ETIMEDOUT,
-              errno.ECONNRESET, errno.EDQUOT, errno.EROFS)
+_IO_WORDS = (
+  'PERMISSION_DENIED',
+  'Permission denied',
+  'UNAVAILABLE',
+  'DEADLINE_EXCEEDED',
+  'RESOURCE_EXHAUSTED',
+  'No space left',
+  'Input/output error',
+  'Connection reset',
+  'timed out',
+  'UNAUTHENTICATED',
+)
+_IO_ERRNOS = (
+  errno.EACCES,
+  errno.EPERM,
+  errno.EIO,
+  errno.ENOSPC,
+  errno.ETIMEDOUT,
+  errno.ECONNRESET,
+  errno.EDQUOT,
+  errno.EROFS,
+)
 
 
 def chain(error):
@@ -39,9 +57,12 @@ def is_io_failure(error: BaseException) -> bool:
 
 
 def is_disk_full(error: BaseException) -> bool:
-  return any((isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT)) or
-             'RESOURCE_EXHAUSTED' in str(link) or 'No space left' in str(link)
-             for link in chain(error))
+  return any(
+    (isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT))
+    or 'RESOURCE_EXHAUSTED' in str(link)
+    or 'No space left' in str(link)
+    for link in chain(error)
+  )
 
 
 _STATUS = re.compile(r'\b[A-Z]+(?:_[A-Z]+)*: ')  # 'PERMISSION_DENIED: ...' (absl status codes)
@@ -58,5 +79,3 @@ def brief(error: BaseException, limit: int = 240) -> str:
     text = text.split(marker)[0]
   text = text.strip() or type(chosen).__name__
   return f'{type(chosen).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
-
-

@@ -7,6 +7,7 @@ Started again with the same workdir, a run resumes from its latest checkpoint
 and continues the same loss curve (the data order and dropout randomness are
 functions of the step).
 """
+
 import dataclasses
 import functools
 import json
@@ -17,27 +18,28 @@ import time
 from typing import Any
 
 import jax
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
-from lmjax import checkpoint
+from lmjax import (
+  checkpoint,
+  cpu_host,
+  distributed,
+  finetune,
+  fs,
+  locks,
+  models,
+  sample,
+  sharding,
+  steps,
+  storage,
+  tasks,
+  train_state,
+  watchdog,
+)
 from lmjax import config as config_lib
-from lmjax import cpu_host
-from lmjax import distributed
-from lmjax import fs
-from lmjax import finetune
-from lmjax import locks
 from lmjax import metrics as metrics_lib
-from lmjax import models
-from lmjax import sample
-from lmjax import sharding
-from lmjax import steps
-from lmjax import storage
-from lmjax import tasks
-from lmjax import train_state
-from lmjax import watchdog
-from lmjax.data import pipeline
-from lmjax.data import tokenizers
+from lmjax.data import pipeline, tokenizers
 
 
 def _log(message: str) -> None:
@@ -47,15 +49,22 @@ def _log(message: str) -> None:
 
 def _format_seconds(seconds: float) -> str:
   seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else (
-      f'{seconds // 60}m{seconds % 60:02d}s')
+  return (
+    f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+    if seconds >= 3600
+    else (f'{seconds // 60}m{seconds % 60:02d}s')
+  )
 
 
 class _Progress:
   """Metrics of finished steps, fetched to the host one step late, and throughput."""
 
   def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
-    self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
+    self.tokens_per_step, self.flops_per_step, self.peak = (
+      tokens_per_step,
+      flops_per_step,
+      peak_flops,
+    )
     self.pending = []  # (step, device metrics) not yet on the host
     self.finished = []  # host metrics since the last summary
     self.window_start = None
@@ -70,9 +79,11 @@ class _Progress:
     self.pending = self.pending[-1:] if keep_last else []
     for (step, _), m in zip(ready, jax.device_get([m for _, m in ready])):
       if not np.isfinite(m['loss_sum']) or not np.isfinite(m['grad_norm']):
-        raise FloatingPointError(f'loss or gradient is not finite at step {step + 1} '
-                                 f'(loss_sum={m["loss_sum"]}, grad_norm={m["grad_norm"]}); '
-                                 'stopping without saving a checkpoint')
+        raise FloatingPointError(
+          f'loss or gradient is not finite at step {step + 1} '
+          f'(loss_sum={m["loss_sum"]}, grad_norm={m["grad_norm"]}); '
+          'stopping without saving a checkpoint'
+        )
       self.finished.append(m)
 
   def summary(self) -> dict | None:
@@ -81,10 +92,12 @@ class _Progress:
     if not values:
       return None
     sums = {k: sum(float(m[k]) for m in values) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
-    return {'loss': sums['loss_sum'] / max(sums['weight_sum'], 1.0),
-            'accuracy': sums['correct_sum'] / max(sums['weight_sum'], 1.0),
-            'grad_norm': float(values[-1]['grad_norm']),
-            'learning_rate': float(values[-1]['learning_rate'])}
+    return {
+      'loss': sums['loss_sum'] / max(sums['weight_sum'], 1.0),
+      'accuracy': sums['correct_sum'] / max(sums['weight_sum'], 1.0),
+      'grad_norm': float(values[-1]['grad_norm']),
+      'learning_rate': float(values[-1]['learning_rate']),
+    }
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation, a save) out of the current speed window."""
@@ -96,8 +109,11 @@ class _Progress:
     result = {}
     if self.window_start is not None and steps_done > 0:
       step_s = (now - self.window_start) / steps_done
-      result = {'step_ms': 1e3 * step_s, 'tokens_per_sec': self.tokens_per_step / step_s,
-                'mfu': self.flops_per_step / step_s / self.peak}
+      result = {
+        'step_ms': 1e3 * step_s,
+        'tokens_per_sec': self.tokens_per_step / step_s,
+        'mfu': self.flops_per_step / step_s / self.peak,
+      }
     self.window_start = now
     return result
 
@@ -110,14 +126,16 @@ def load_data(config, workdir):
     pretrained = finetune.open_pretrained(config.init_from, _log)
     finetune.check_tokenizer_config(pretrained, config.tokenizer)
   train_texts = lambda: pipeline.texts(config.data, config.data.train_split)
-  tokenizer = tokenizers.for_run(config.tokenizer, workdir, train_texts,
-                                 pretrained.tokenizer if pretrained else None)
+  tokenizer = tokenizers.for_run(
+    config.tokenizer, workdir, train_texts, pretrained.tokenizer if pretrained else None
+  )
   return tokenizer, tasks.load(config, tokenizer), pretrained
 
 
 @dataclasses.dataclass
 class Run:
   """Everything a training run wires together, built once by `setup`."""
+
   config: Any
   workdir: str
   mesh: Any
@@ -164,10 +182,14 @@ class Run:
     Saves are asynchronous: a failure of the one before surfaces here."""
     checkpoints = checkpoints or self.checkpoints
     with checkpoint.save_errors(checkpoints, step):
-      checkpoint.save(checkpoints, step,
-                      self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
-                      json.loads(config_lib.to_json(self.config)), self.tokenizer.to_json(),
-                      metrics=metrics)
+      checkpoint.save(
+        checkpoints,
+        step,
+        self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
+        json.loads(config_lib.to_json(self.config)),
+        self.tokenizer.to_json(),
+        metrics=metrics,
+      )
 
   def finish_saves(self) -> None:
     """Waits for the asynchronous save in flight; its failure is a clear error."""
@@ -175,26 +197,27 @@ class Run:
       self.checkpoints.wait_until_finished()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_assemble(plan):
   return jax.jit(plan.assemble)
 
 
-def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, model_params,
-                             pretrained=None, plan=None):
+def _restore_or_create_state(
+  config, workdir, model, tx, mesh, tokenizer, model_params, pretrained=None, plan=None
+):
   """The latest checkpoint's state, or a new one (fine-tuning: built around the
   pre-trained parameters, read into the shardings of `model_params`, the model's
   abstract parameters). A LoRA run reads its frozen base from init_from again."""
   seq_len = config.data.seq_len
   carry_rows = train_state.carry_rows(config, model)
-  abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows,
-                                                         plan)
+  abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows, plan)
   backbone = None
   if pretrained is not None:
     backbone = finetune.restore_backbone(pretrained, finetune.subtree(model_params, plan.prefix))
   checkpoints = checkpoint.manager(workdir, config.checkpoint)
   restored = None
   if checkpoints.all_steps():
+
     def read(candidates, step):
       checkpoint.check_tokenizer(candidates, step, tokenizer)
       return checkpoint.restore_state(candidates, step, abstract.replace(frozen=None))
@@ -208,8 +231,9 @@ def _restore_or_create_state(config, workdir, model, tx, mesh, tokenizer, model_
     _log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
   else:
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = train_state.create_state(model, tx, seq_len, state_shardings, init_rng, carry_rows,
-                                     plan, backbone)
+    state = train_state.create_state(
+      model, tx, seq_len, state_shardings, init_rng, carry_rows, plan, backbone
+    )
     if pretrained is not None:
       _log(f'fine-tuning ({plan.mode}) from {pretrained.describe()}')
   return state, state_shardings, checkpoints
@@ -239,8 +263,10 @@ def setup(config, workdir: str) -> Run:
 
   tasks.check(config)
   tokenizer, data, pretrained = load_data(config, workdir)
-  _log(f'corpus {config.data.name}: {data.description}; {tokenizer.kind} tokenizer, '
-       f'vocabulary {tokenizer.vocab_size}; {data.baseline_name} {data.baseline:.3f}')
+  _log(
+    f'corpus {config.data.name}: {data.description}; {tokenizer.kind} tokenizer, '
+    f'vocabulary {tokenizer.vocab_size}; {data.baseline_name} {data.baseline:.3f}'
+  )
 
   per_epoch = data.steps_per_epoch(config)
   if config.train.num_epochs > 0:
@@ -255,30 +281,57 @@ def setup(config, workdir: str) -> Run:
     tx = plan.wrap_optimizer(tx)
   model_params = train_state.abstract_params(model, config.data.seq_len, mesh)
   state, state_shardings, checkpoints = _restore_or_create_state(
-      config, workdir, model, tx, mesh, tokenizer, model_params, pretrained, plan)
+    config, workdir, model, tx, mesh, tokenizer, model_params, pretrained, plan
+  )
   num_params = models.count_params(model_params)
-  _log(f'model {config.model.family} ({config.task}): {num_params:,} parameters, '
-       f'{trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
-       f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  _log(
+    f'model {config.model.family} ({config.task}): {num_params:,} parameters, '
+    f'{trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
+    f'{jax.device_count()} {jax.devices()[0].platform} device(s)'
+  )
 
-  state, train_step = steps.build_train_step(config, model, schedule, state, state_shardings,
-                                             mesh, plan, train_state.carry_rows(config, model))
+  state, train_step = steps.build_train_step(
+    config,
+    model,
+    schedule,
+    state,
+    state_shardings,
+    mesh,
+    plan,
+    train_state.carry_rows(config, model),
+  )
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding, model_params)
   carry_eval = train_state.carry_rows(config, model) > 0  # evaluate as it was trained
-  evaluator = tasks.make_evaluator(config, data, model, tokenizer, param_shardings, mesh,
-                                   carry_eval)
-  return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, data=data,
-              model=model, state=state, checkpoints=checkpoints, train_step=train_step,
-              evaluate=evaluator, num_params=num_params, state_shardings=state_shardings,
-              plan=plan, best_loss=checkpoint.best_loss(workdir))
+  evaluator = tasks.make_evaluator(
+    config, data, model, tokenizer, param_shardings, mesh, carry_eval
+  )
+  return Run(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    tokenizer=tokenizer,
+    data=data,
+    model=model,
+    state=state,
+    checkpoints=checkpoints,
+    train_step=train_step,
+    evaluate=evaluator,
+    num_params=num_params,
+    state_shardings=state_shardings,
+    plan=plan,
+    best_loss=checkpoint.best_loss(workdir),
+  )
 
 
 def trainable_count(state, plan) -> int:
   """Parameters the optimizer changes (LoRA: adapters and new ones; frozen: new ones)."""
   if plan is None or plan.mode == 'full':
     return models.count_params(state.params)
-  return sum(int(leaf.size) for name, leaf in finetune.flatten(state.params).items()
-             if not plan.is_pretrained(name))
+  return sum(
+    int(leaf.size)
+    for name, leaf in finetune.flatten(state.params).items()
+    if not plan.is_pretrained(name)
+  )
 
 
 def compile_only(config) -> dict:
@@ -294,40 +347,62 @@ def compile_only(config) -> dict:
   if config.task == 'classify' and not config.classify.num_classes:
     raise ValueError('--compile_only of a classifier needs --config.classify.num_classes')
   model = tasks.build_model(config, vocab)
-  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
-                                            steps_per_epoch=1)  # shapes only
+  tx, schedule = train_state.make_optimizer(
+    config.optimizer, config.train.num_steps, steps_per_epoch=1
+  )  # shapes only
   carry_rows = train_state.carry_rows(config, model)
   abstract, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items()}
+  batch = {
+    name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items()
+  }
   start = time.perf_counter()
   with sharding.rules_and_mesh(mesh):
-    compiled = steps.jit_train_step(steps.make_train_step(config, model, schedule), shardings,
-                                    mesh).lower(
-        abstract, batch, jax.random.key(0)).compile()
+    compiled = (
+      steps.jit_train_step(steps.make_train_step(config, model, schedule), shardings, mesh)
+      .lower(abstract, batch, jax.random.key(0))
+      .compile()
+    )
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
 
   def per_device_bytes(tree):
-    return int(sum(np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-                   for leaf in jax.tree.leaves(tree)))
+    return int(
+      sum(
+        np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(tree)
+      )
+    )
 
   gib = lambda n: round(n / 2**30, 4)
-  report = {'mesh': dict(mesh.shape), 'devices': jax.device_count(),
-            'platform': jax.devices()[0].platform, 'vocab_size': vocab,
-            'params': models.count_params(abstract.params), 'compile_s': round(compile_s, 2),
-            'per_device_gib': {
-                'params': gib(per_device_bytes(abstract.params)),
-                'optimizer_state': gib(per_device_bytes(abstract.opt_state))}}
+  report = {
+    'mesh': dict(mesh.shape),
+    'devices': jax.device_count(),
+    'platform': jax.devices()[0].platform,
+    'vocab_size': vocab,
+    'params': models.count_params(abstract.params),
+    'compile_s': round(compile_s, 2),
+    'per_device_gib': {
+      'params': gib(per_device_bytes(abstract.params)),
+      'optimizer_state': gib(per_device_bytes(abstract.opt_state)),
+    },
+  }
   if memory is not None:
-    report['per_device_gib'].update({
+    report['per_device_gib'].update(
+      {
         'arguments': gib(memory.argument_size_in_bytes),
         'outputs': gib(memory.output_size_in_bytes),
         'temporaries': gib(memory.temp_size_in_bytes),
         'aliased': gib(memory.alias_size_in_bytes),
-        'peak_estimate': gib(memory.argument_size_in_bytes + memory.output_size_in_bytes +
-                             memory.temp_size_in_bytes - memory.alias_size_in_bytes)})
+        'peak_estimate': gib(
+          memory.argument_size_in_bytes
+          + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes
+          - memory.alias_size_in_bytes
+        ),
+      }
+    )
   return report
 
 
@@ -337,14 +412,21 @@ def _train_record(progress: _Progress, step: int, last_step: int, steps_timed: i
   speed = progress.throughput(steps_timed)
   record = {f'perf/{k}': v for k, v in speed.items()}
   if fetched:
-    record.update({'train/loss': fetched['loss'], 'train/accuracy': fetched['accuracy'],
-                   'train/grad_norm': fetched['grad_norm'],
-                   'train/learning_rate': fetched['learning_rate']})
+    record.update(
+      {
+        'train/loss': fetched['loss'],
+        'train/accuracy': fetched['accuracy'],
+        'train/grad_norm': fetched['grad_norm'],
+        'train/learning_rate': fetched['learning_rate'],
+      }
+    )
     eta = speed.get('step_ms', 0.0) * (last_step - step) / 1e3
-    _log(f'step {step}/{last_step} | loss {fetched["loss"]:.4f} | lr '
-         f'{fetched["learning_rate"]:.2e} | {speed.get("tokens_per_sec", 0):,.0f} tok/s | '
-         f'{speed.get("step_ms", 0):.1f} ms/step | MFU {100 * speed.get("mfu", 0):.1f}% | '
-         f'ETA {_format_seconds(eta)}')
+    _log(
+      f'step {step}/{last_step} | loss {fetched["loss"]:.4f} | lr '
+      f'{fetched["learning_rate"]:.2e} | {speed.get("tokens_per_sec", 0):,.0f} tok/s | '
+      f'{speed.get("step_ms", 0):.1f} ms/step | MFU {100 * speed.get("mfu", 0):.1f}% | '
+      f'ETA {_format_seconds(eta)}'
+    )
   return record
 
 
@@ -377,8 +459,9 @@ class _Preemption:
 preemption = _Preemption()
 
 
-def _train(run: Run, writer: metrics_lib.MetricWriter,
-           guard: watchdog.Watchdog) -> tuple[int, float]:
+def _train(
+  run: Run, writer: metrics_lib.MetricWriter, guard: watchdog.Watchdog
+) -> tuple[int, float]:
   """Runs the steps from the state's step to the last one; returns (start step, seconds).
 
   The record of step N holds the mean train metrics of steps N - log_every + 1 .. N
@@ -386,12 +469,19 @@ def _train(run: Run, writer: metrics_lib.MetricWriter,
   N + 1 is dispatched: the host never waits on the step in flight.
   """
   config, mesh = run.config, run.mesh
-  seq_len, batch_size, log_every = config.data.seq_len, config.train.batch_size, config.train.log_every
+  seq_len, batch_size, log_every = (
+    config.data.seq_len,
+    config.train.batch_size,
+    config.train.log_every,
+  )
   last_step = min(config.train.num_steps, config.train.stop_at or config.train.num_steps)
   start_step = int(sharding.host_copy(run.state.step))
   tokens_per_step = batch_size * seq_len
-  progress = _Progress(tokens_per_step, metrics_lib.flops_per_token(run.model, run.num_params) *
-                       tokens_per_step, metrics_lib.measure_peak_flops())
+  progress = _Progress(
+    tokens_per_step,
+    metrics_lib.flops_per_token(run.model, run.num_params) * tokens_per_step,
+    metrics_lib.measure_peak_flops(),
+  )
   batches = run.data.train_batches(config, start_step)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   eval_records = {}  # step -> eval metrics, written with that step's train record
@@ -413,8 +503,10 @@ def _train(run: Run, writer: metrics_lib.MetricWriter,
     steps_timed += 1
     if step == start_step:
       jax.block_until_ready(step_metrics)
-      _log(f'step {done}: compiled and ran the first train step in '
-           f'{time.perf_counter() - run_start:.1f}s')
+      _log(
+        f'step {done}: compiled and ran the first train step in '
+        f'{time.perf_counter() - run_start:.1f}s'
+      )
       progress.throughput(0)
       steps_timed = 0
     if step > start_step and step % log_every == 0:  # Step `step` has finished: log it.
@@ -446,8 +538,10 @@ def _train(run: Run, writer: metrics_lib.MetricWriter,
     if preempted:
       with guard.phase('save', done):
         run.finish_saves()
-      _log(f'preempted (SIGTERM): saved a checkpoint at step {done}; exiting with status '
-           f'{PREEMPTED_EXIT_CODE}; start the same command again to resume')
+      _log(
+        f'preempted (SIGTERM): saved a checkpoint at step {done}; exiting with status '
+        f'{PREEMPTED_EXIT_CODE}; start the same command again to resume'
+      )
       raise Preempted(done)
   if last_step > start_step:
     with guard.phase('train step', last_step):
@@ -487,8 +581,10 @@ def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
     run.finish_saves()
   run.state = run.global_state()
   if final_step > start_step:
-    _log(f'trained steps {start_step + 1}..{final_step} in {seconds:.1f}s; checkpoint saved '
-         f'at step {final_step}')
+    _log(
+      f'trained steps {start_step + 1}..{final_step} in {seconds:.1f}s; checkpoint saved '
+      f'at step {final_step}'
+    )
   else:
     _log(f'already trained to step {final_step}; evaluating the latest checkpoint')
   with guard.phase('final evaluation', final_step):
@@ -497,14 +593,19 @@ def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
   result[run.data.baseline_key] = run.data.baseline
   writer.write(final_step, {f'final_eval/{k}': v for k, v in result.items()})
   writer.close()
-  _log(f'final eval ({config.data.eval_split}): {tasks.describe(result)} '
-       f'({run.data.baseline_name} {run.data.baseline:.3f})')
+  _log(
+    f'final eval ({config.data.eval_split}): {tasks.describe(result)} '
+    f'({run.data.baseline_name} {run.data.baseline:.3f})'
+  )
   if config.sample.max_new_tokens > 0 and config.task == 'lm':
     with guard.phase('sampling', final_step):
-      text = sample.sample_text(params, run.model, run.tokenizer, config.sample,
-                                clean_config=config.data.clean)[0]
-    _log(f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
-         f'---\n{text}\n---')
+      text = sample.sample_text(
+        params, run.model, run.tokenizer, config.sample, clean_config=config.data.clean
+      )[0]
+    _log(
+      f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
+      f'---\n{text}\n---'
+    )
   run.checkpoints.close()
   return result
 
@@ -514,9 +615,12 @@ def _main(argv):
   checkpoint.quiet_logs()
   flag_values = flags.FLAGS
   try:
-    multi_process = distributed.settings(flag_values.coordinator_address,
-                                         flag_values.num_processes,
-                                         flag_values.process_id) is not None
+    multi_process = (
+      distributed.settings(
+        flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+      )
+      is not None
+    )
     cpu_host.prepare(flag_values.config, multi_process)
     distributed.initialize_from_flags()
     if flag_values.compile_only:
@@ -525,8 +629,15 @@ def _main(argv):
     train_and_evaluate(flag_values.config, flag_values.workdir)
   except Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
-  except (config_lib.ConfigError, ValueError, *checkpoint.ERRORS, locks.LockError,
-          FloatingPointError, distributed.DistributedError, OSError) as error:
+  except (
+    config_lib.ConfigError,
+    ValueError,
+    *checkpoint.ERRORS,
+    locks.LockError,
+    FloatingPointError,
+    distributed.DistributedError,
+    OSError,
+  ) as error:
     if not storage.is_disk_full(error) and isinstance(error, OSError):
       raise
     print(f'error: {checkpoint.describe_failure(error, flag_values.workdir)}', file=sys.stderr)
@@ -537,13 +648,19 @@ def run():
   """Console entry point: checks --config.* keys before anything runs."""
   config_lib.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
-  flags.DEFINE_bool('compile_only', False, 'Lower and compile the train step for the configured '
-                    'mesh without data or a run; print its per-device memory as JSON.')
+  flags.DEFINE_bool(
+    'compile_only',
+    False,
+    'Lower and compile the train step for the configured '
+    'mesh without data or a run; print its per-device memory as JSON.',
+  )
   distributed.define_flags()
   flags.mark_flags_as_required(['config'])
   flags.register_multi_flags_validator(
-      ['workdir', 'compile_only'], lambda v: bool(v['workdir']) or v['compile_only'],
-      message='--workdir is required (except with --compile_only)')
+    ['workdir', 'compile_only'],
+    lambda v: bool(v['workdir']) or v['compile_only'],
+    message='--workdir is required (except with --compile_only)',
+  )
   app.run(_main)
 
 

@@ -1,5 +1,7 @@
 """Train state, optimizer and learning-rate schedule from config (optax)."""
-from typing import Any, Callable
+
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,6 +22,7 @@ class TrainState(struct.PyTreeNode):
   for a recurrent model trained on carried rows, the hidden state carried into
   the next step (None otherwise). `frozen` holds LoRA's pre-trained weights
   (lmjax.finetune): on the devices, never in a checkpoint."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -42,10 +45,12 @@ def make_schedule(opt, num_steps: int, steps_per_epoch: int = 0) -> optax.Schedu
   if opt.schedule == 'epochs':
     if steps_per_epoch <= 0:
       raise ValueError("optimizer.schedule='epochs' needs the steps per epoch of the data")
+
     def epochs(count):
       epoch = jnp.asarray(count) // steps_per_epoch  # 0-based
       decays = jnp.maximum(epoch + 1 - opt.decay_after_epochs, 0).astype(jnp.float32)
       return peak * jnp.asarray(opt.decay_factor, jnp.float32) ** decays
+
     return epochs
   if opt.schedule == 'constant':
     after = optax.constant_schedule(peak)
@@ -68,15 +73,18 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt, num_steps: int, steps_per_epoch: int = 0
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  opt, num_steps: int, steps_per_epoch: int = 0
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = make_schedule(opt, num_steps, steps_per_epoch)
   if opt.name == 'adamw':
-    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                       weight_decay=opt.weight_decay, mask=decay_mask)
+    core = optax.adamw(
+      schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask
+    )
   elif opt.name == 'adafactor':
-    core = optax.adafactor(schedule, weight_decay_rate=opt.weight_decay or None,
-                           weight_decay_mask=decay_mask)
+    core = optax.adafactor(
+      schedule, weight_decay_rate=opt.weight_decay or None, weight_decay_mask=decay_mask
+    )
   else:
     if opt.name == 'adam':
       core = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
@@ -96,8 +104,11 @@ def make_optimizer(opt, num_steps: int, steps_per_epoch: int = 0
 def carry_rows(config, model) -> int:
   """Rows of hidden state a run carries from step to step: the global batch for a
   recurrent model trained on the `stream` layout with train.carry_state, else 0."""
-  if (getattr(model, 'recurrent', False) and config.data.layout == 'stream'
-      and config.train.carry_state):
+  if (
+    getattr(model, 'recurrent', False)
+    and config.data.layout == 'stream'
+    and config.train.carry_state
+  ):
     return config.train.batch_size
   return 0
 
@@ -105,6 +116,7 @@ def carry_rows(config, model) -> int:
 def _init_fn(model, tx, sample_tokens, carry_rows: int, plan=None) -> Callable:
   """rng (, pre-trained parameters) -> the initial TrainState. Fine-tuning puts
   the pre-trained tree at the plan's prefix, then splits off what is frozen."""
+
   def init(rng, pretrained=None):
     params = nn.unbox(model.init({'params': rng}, sample_tokens)['params'])
     frozen = None
@@ -112,8 +124,15 @@ def _init_fn(model, tx, sample_tokens, carry_rows: int, plan=None) -> Callable:
       params = plan.place_pretrained(params, pretrained)
       params, frozen = plan.split_values(params, jax.random.fold_in(rng, 1))
     carry = recurrent.initial_carry(model, carry_rows) if carry_rows else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), tx=tx, carry=carry, frozen=frozen)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      tx=tx,
+      carry=carry,
+      frozen=frozen,
+    )
+
   return init
 
 
@@ -122,8 +141,9 @@ def _specs_like_params(opt_state, params, param_specs):
   logical spec, matched by path suffix and shape; the rest (counts, Adafactor's
   factored moments) are replicated."""
   by_path = {}
-  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                jax.tree.leaves(param_specs, is_leaf=_is_spec)):
+  for (path, leaf), spec in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_specs, is_leaf=_is_spec)
+  ):
     by_path[tuple(path)] = (leaf.shape, spec)
 
   def spec_of(path, leaf):
@@ -132,6 +152,7 @@ def _specs_like_params(opt_state, params, param_specs):
       if shape_and_spec and shape_and_spec[0] == leaf.shape:
         return shape_and_spec[1]
     return PartitionSpec()
+
   return jax.tree_util.tree_map_with_path(spec_of, opt_state)
 
 
@@ -141,8 +162,9 @@ def _is_spec(x) -> bool:
 
 def params_and_specs(model, seq_len: int):
   sample = jnp.zeros((1, seq_len), jnp.int32)
-  boxed_params = jax.eval_shape(lambda rng: model.init({'params': rng}, sample)['params'],
-                                jax.random.key(0))
+  boxed_params = jax.eval_shape(
+    lambda rng: model.init({'params': rng}, sample)['params'], jax.random.key(0)
+  )
   return nn.unbox(boxed_params), nn.get_partition_spec(boxed_params)
 
 
@@ -157,8 +179,9 @@ def abstract_params(model, seq_len: int, mesh, plan=None):
 
 
 def _placed(abstract, shardings):
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract, shardings
+  )
 
 
 def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0, plan=None):
@@ -173,18 +196,28 @@ def abstract_state(model, tx, seq_len: int, mesh, carry_rows: int = 0, plan=None
   if carry_rows:
     carry = jax.ShapeDtypeStruct(recurrent.carry_shape(model, carry_rows), jnp.float32)
     carry_spec = PartitionSpec(*recurrent.CARRY_AXES)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(tx.init, params), tx=tx, carry=carry,
-                        frozen=frozen)
-  specs = abstract.replace(step=PartitionSpec(), params=param_specs,
-                           opt_state=_specs_like_params(abstract.opt_state, params, param_specs),
-                           carry=carry_spec, frozen=frozen_specs)
+  abstract = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=params,
+    opt_state=jax.eval_shape(tx.init, params),
+    tx=tx,
+    carry=carry,
+    frozen=frozen,
+  )
+  specs = abstract.replace(
+    step=PartitionSpec(),
+    params=param_specs,
+    opt_state=_specs_like_params(abstract.opt_state, params, param_specs),
+    carry=carry_spec,
+    frozen=frozen_specs,
+  )
   shardings = sharding.logical_to_sharding(specs, mesh)
   return _placed(abstract, shardings), shardings
 
 
-def create_state(model, tx, seq_len: int, shardings, rng, carry_rows: int = 0, plan=None,
-                 pretrained=None):
+def create_state(
+  model, tx, seq_len: int, shardings, rng, carry_rows: int = 0, plan=None, pretrained=None
+):
   """The initial state, created directly in `shardings` (from `abstract_state`);
   fine-tuning passes its `plan` and the `pretrained` parameters."""
   init = _init_fn(model, tx, jnp.zeros((1, seq_len), jnp.int32), carry_rows, plan)

@@ -17,6 +17,7 @@ two things instead, and ends the process with one clear error line:
 
 The thread needs the GIL, which JAX releases while it waits on devices.
 """
+
 import contextlib
 import os
 import select
@@ -38,9 +39,12 @@ def beat() -> None:
 class Watchdog:
   """Watches the phases of one run. `timeout_s` <= 0 turns the phase bound off."""
 
-  def __init__(self, timeout_s: float, sigterm_grace_s: float = 120.0,
-               hint: str = 'the last checkpoint is kept; start the same command again to '
-               'resume from it'):
+  def __init__(
+    self,
+    timeout_s: float,
+    sigterm_grace_s: float = 120.0,
+    hint: str = 'the last checkpoint is kept; start the same command again to resume from it',
+  ):
     self.timeout_s, self.sigterm_grace_s, self.hint = timeout_s, sigterm_grace_s, hint
     self._lock = threading.Lock()
     self._phase = None  # (name, step, deadline)
@@ -128,14 +132,21 @@ class Watchdog:
         phase = self._phase
       where = f'step {phase[1]}, {phase[0]}' if phase else 'between phases'
       if self._sigterm_at is not None and now - self._sigterm_at > self.sigterm_grace_s:
-        self._die(f'SIGTERM was not obeyed within {self.sigterm_grace_s:.0f}s: the run is '
-                  f'stuck at {where}; exiting without a new checkpoint')
+        self._die(
+          f'SIGTERM was not obeyed within {self.sigterm_grace_s:.0f}s: the run is '
+          f'stuck at {where}; exiting without a new checkpoint'
+        )
       if phase and phase[2] is not None and now > phase[2]:
-        self._die(f'{phase[0]} at step {phase[1]} made no progress for {phase[3]:.0f}s: a '
-                  'device program or a collective across processes is stuck (a peer process '
-                  'died or hangs?)')
+        self._die(
+          f'{phase[0]} at step {phase[1]} made no progress for {phase[3]:.0f}s: a '
+          'device program or a collective across processes is stuck (a peer process '
+          'died or hangs?)'
+        )
 
   def _die(self, message: str) -> None:
-    print(f'error: {message}; {self.hint}. (The bound is train.phase_timeout_s.)',
-          file=sys.stderr, flush=True)
+    print(
+      f'error: {message}; {self.hint}. (The bound is train.phase_timeout_s.)',
+      file=sys.stderr,
+      flush=True,
+    )
     os._exit(HUNG_EXIT_CODE)

@@ -1,8 +1,10 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and tiny configs."""
+
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pathlib  # noqa: E402
@@ -31,7 +33,7 @@ def corpus_dir(tmp_path_factory) -> pathlib.Path:
   text = shakespeare_text()[:240_000]
   quarter = len(text) // 4
   for i in range(4):
-    (directory / f'part{i}.txt').write_text(text[i * quarter:(i + 1) * quarter], encoding='utf-8')
+    (directory / f'part{i}.txt').write_text(text[i * quarter : (i + 1) * quarter], encoding='utf-8')
   return directory
 
 

@@ -1,4 +1,5 @@
 """Classification metrics against scikit-learn on fixed, seeded predictions."""
+
 import math
 
 import numpy as np
@@ -30,7 +31,8 @@ def noisy_predictions(seed: int, n: int, num_classes: int, never_predicted=None)
 
 def sklearn_macro(labels, predictions, num_classes):
   precision, recall, f1, _ = sklearn_metrics.precision_recall_fscore_support(
-      labels, predictions, labels=list(range(num_classes)), average='macro', zero_division=0)
+    labels, predictions, labels=list(range(num_classes)), average='macro', zero_division=0
+  )
   return {'precision_macro': precision, 'recall_macro': recall, 'f1_macro': f1}
 
 
@@ -53,13 +55,16 @@ def test_binary_with_tied_scores_matches_sklearn():
   assert len(np.unique(positive)) <= 11 and (positive == 0.5).any()
 
   precision, recall, f1, _ = sklearn_metrics.precision_recall_fscore_support(
-      labels, predictions, average='binary', zero_division=0)
+    labels, predictions, average='binary', zero_division=0
+  )
   expected = {
-      'accuracy': sklearn_metrics.accuracy_score(labels, predictions),
-      **sklearn_macro(labels, predictions, 2),
-      'precision': precision, 'recall': recall, 'f1': f1,
-      'roc_auc': sklearn_metrics.roc_auc_score(labels, positive),
-      'examples': n,
+    'accuracy': sklearn_metrics.accuracy_score(labels, predictions),
+    **sklearn_macro(labels, predictions, 2),
+    'precision': precision,
+    'recall': recall,
+    'f1': f1,
+    'roc_auc': sklearn_metrics.roc_auc_score(labels, positive),
+    'examples': n,
   }
   assert_matches(cm.classification_metrics(labels, probabilities, 2), expected)
 
@@ -73,18 +78,22 @@ def test_multiclass_matches_sklearn(num_classes, never_predicted):
     assert not (predictions == never_predicted).any() and (labels == never_predicted).any()
 
   expected = {
-      'accuracy': sklearn_metrics.accuracy_score(labels, predictions),
-      **sklearn_macro(labels, predictions, num_classes),
-      'roc_auc_macro_ovr': sklearn_metrics.roc_auc_score(
-          labels, probabilities, multi_class='ovr', average='macro'),
-      'roc_auc_classes': num_classes,
-      'examples': n,
+    'accuracy': sklearn_metrics.accuracy_score(labels, predictions),
+    **sklearn_macro(labels, predictions, num_classes),
+    'roc_auc_macro_ovr': sklearn_metrics.roc_auc_score(
+      labels, probabilities, multi_class='ovr', average='macro'
+    ),
+    'roc_auc_classes': num_classes,
+    'examples': n,
   }
   assert_matches(cm.classification_metrics(labels, probabilities, num_classes), expected)
   # The macro F1 must also be what f1_score itself reports.
   assert cm.classification_metrics(labels, probabilities, num_classes)['f1_macro'] == pytest.approx(
-      sklearn_metrics.f1_score(labels, predictions, labels=list(range(num_classes)),
-                               average='macro', zero_division=0), abs=TOLERANCE)
+    sklearn_metrics.f1_score(
+      labels, predictions, labels=list(range(num_classes)), average='macro', zero_division=0
+    ),
+    abs=TOLERANCE,
+  )
 
 
 def test_multiclass_auc_skips_a_class_absent_from_labels():
@@ -93,14 +102,16 @@ def test_multiclass_auc_skips_a_class_absent_from_labels():
   labels[labels == 2] = 0  # class 2 now has no positives: its AUC is undefined
   result = cm.classification_metrics(labels, probabilities, num_classes)
   present = [0, 1, 3]
-  expected_auc = np.mean([sklearn_metrics.roc_auc_score(labels == c, probabilities[:, c])
-                          for c in present])
+  expected_auc = np.mean(
+    [sklearn_metrics.roc_auc_score(labels == c, probabilities[:, c]) for c in present]
+  )
   assert result['roc_auc_macro_ovr'] == pytest.approx(expected_auc, abs=TOLERANCE)
   assert result['roc_auc_classes'] == 3.0
   # Recall of the absent class counts as 0 in the macro mean, as in sklearn.
   predictions = np.argmax(probabilities, axis=1)
   assert result['recall_macro'] == pytest.approx(
-      sklearn_macro(labels, predictions, num_classes)['recall_macro'], abs=TOLERANCE)
+    sklearn_macro(labels, predictions, num_classes)['recall_macro'], abs=TOLERANCE
+  )
 
 
 def test_binary_auc_is_nan_for_a_single_label_class():

@@ -1,6 +1,6 @@
 """Config files, overrides and their errors."""
+
 import json
-import os
 import subprocess
 import sys
 
@@ -9,12 +9,12 @@ import pytest
 from conftest import REPO
 from lmjax import config as config_lib
 
-
 CONFIG_FILES = sorted(p.stem for p in (REPO / 'configs').glob('*.py') if not p.stem.startswith('_'))
 
 
-@pytest.mark.parametrize('name', CONFIG_FILES + ['classify.py:imdb', 'classify.py:ag_news',
-                                                 'classify.py:sst2'])
+@pytest.mark.parametrize(
+  'name', CONFIG_FILES + ['classify.py:imdb', 'classify.py:ag_news', 'classify.py:sst2']
+)
 def test_config_files_load_and_have_only_known_keys(name):
   path, _, arg = name.partition(':')
   path = path if path.endswith('.py') else f'{path}.py'
@@ -42,8 +42,10 @@ def test_unknown_key_names_the_valid_ones():
   message = str(error.value)
   assert "'num_layer' is not in model" in message and 'num_layers' in message
   assert 'embed_dim' in message
-  with pytest.raises(config_lib.ConfigError,
-                     match='valid keys there: checkpoint, classify, compilation_cache_dir, cpu_devices, data'):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match='valid keys there: checkpoint, classify, compilation_cache_dir, cpu_devices, data',
+  ):
     config_lib.check_key_path(config, 'modle.num_layers')
   with pytest.raises(config_lib.ConfigError, match='is a value, not a section'):
     config_lib.check_key_path(config, 'seed.x')
@@ -60,9 +62,21 @@ def test_check_overrides_reads_the_config_file_from_argv():
 def test_train_command_rejects_a_typo_before_running(tmp_path):
   workdir = tmp_path / 'run'
   result = subprocess.run(
-      [sys.executable, '-m', 'lmjax.train', '--config', str(REPO / 'configs' / 'default.py'),
-       '--workdir', str(workdir), '--config.model.num_layer=2'],
-      capture_output=True, text=True, timeout=120, cwd=REPO)
+    [
+      sys.executable,
+      '-m',
+      'lmjax.train',
+      '--config',
+      str(REPO / 'configs' / 'default.py'),
+      '--workdir',
+      str(workdir),
+      '--config.model.num_layer=2',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+  )
   assert result.returncode != 0
   assert "unknown config key 'model.num_layer'" in result.stderr
   assert 'num_layers' in result.stderr

@@ -1,5 +1,6 @@
 """CPU host settings: freed memory stays in the process; entry points dispatch synchronously
 and split a CPU host into one device per core for Transformers."""
+
 import json
 import os
 import subprocess
@@ -8,13 +9,13 @@ import sys
 import pytest
 
 from conftest import REPO
-
-from lmjax import config as config_lib, cpu_host
+from lmjax import config as config_lib
+from lmjax import cpu_host
 
 # Mallocs, writes and frees a 64 MB block 5 times (as XLA:CPU does with a step's
 # buffers), before and after the setting, counting the page faults of each round
 # (a fault = the kernel mapping a fresh zeroed page into the process).
-_PROBE = '''
+_PROBE = """
 import ctypes, json, resource
 from lmjax import cpu_host
 
@@ -41,12 +42,13 @@ import os
 print(json.dumps({'default': default, 'retained': retained, 'after': after,
                   'async': jax.config.read('jax_cpu_enable_async_dispatch'),
                   'xla_flags': os.environ.get('XLA_FLAGS', '')}))
-'''
+"""
 
 
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
-  result = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-c', _PROBE], capture_output=True, text=True, cwd=REPO, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   measured = json.loads(result.stdout.strip().splitlines()[-1])
   pages = 5 * (64 << 20) // 4096
@@ -55,8 +57,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
   assert measured['after'] < 0.05 * pages, measured  # now the block is reused
   assert measured['async'] is False
   # XLA's in-process rendezvous waits for a late device instead of aborting after 40 s.
-  assert (f'--xla_cpu_collective_call_terminate_timeout_seconds='
-          f'{cpu_host.RENDEZVOUS_TERMINATE_S}') in measured['xla_flags']
+  assert (
+    f'--xla_cpu_collective_call_terminate_timeout_seconds={cpu_host.RENDEZVOUS_TERMINATE_S}'
+  ) in measured['xla_flags']
 
 
 def test_cpu_host_is_one_device_unless_a_split_is_asked_for():
@@ -85,13 +88,28 @@ def test_cpu_host_is_one_device_unless_a_split_is_asked_for():
 @pytest.mark.slow
 def test_train_splits_a_cpu_host_unless_told_how_many_devices():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/shakespeare_char.py',
-             '--compile_only']
+  command = [
+    sys.executable,
+    '-m',
+    'lmjax.train',
+    '--config',
+    'configs/shakespeare_char.py',
+    '--compile_only',
+  ]
   counts = []
-  for flags, extra in (('', []), ('', ['--config.cpu_devices=-1']),
-                       ('--xla_force_host_platform_device_count=1', ['--config.cpu_devices=-1'])):
-    result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env={**env, 'XLA_FLAGS': flags})
+  for flags, extra in (
+    ('', []),
+    ('', ['--config.cpu_devices=-1']),
+    ('--xla_force_host_platform_device_count=1', ['--config.cpu_devices=-1']),
+  ):
+    result = subprocess.run(
+      command + extra,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=REPO,
+      env={**env, 'XLA_FLAGS': flags},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     counts.append(json.loads(result.stdout)['devices'])
   config = config_lib.load_config_file(str(REPO / 'configs' / 'shakespeare_char.py'))

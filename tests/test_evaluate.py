@@ -1,5 +1,6 @@
 """`lmjax.evaluate`: restore any checkpoint anywhere (parameters only), report JSON; keep
 the best step; damaged and missing checkpoints say which step and path."""
+
 import json
 import os
 import shutil
@@ -19,17 +20,31 @@ pytestmark = pytest.mark.slow
 def fsdp_run(corpus_dir, tmp_path_factory):
   """40 steps on 8 devices with fsdp=4 (data=2), checkpoints at 20 and 40."""
   workdir = str(tmp_path_factory.mktemp('fsdp'))
-  config = tiny_config(corpus_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'train.num_steps': 40,
-                                      'train.eval_every': 20, 'checkpoint.every': 20,
-                                      'sample.max_new_tokens': 0})
+  config = tiny_config(
+    corpus_dir,
+    **{
+      'mesh.data': 2,
+      'mesh.fsdp': 4,
+      'train.num_steps': 40,
+      'train.eval_every': 20,
+      'checkpoint.every': 20,
+      'sample.max_new_tokens': 0,
+    },
+  )
   result = train.train_and_evaluate(config, workdir)
   return workdir, result
 
 
 def evaluate_command(*args, devices=1):
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  return subprocess.run([sys.executable, '-m', 'lmjax.evaluate', *map(str, args)],
-                        capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  return subprocess.run(
+    [sys.executable, '-m', 'lmjax.evaluate', *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    env=env,
+  )
 
 
 def test_fsdp_checkpoint_evaluates_in_a_fresh_single_device_process(fsdp_run, tmp_path):
@@ -50,8 +65,16 @@ def test_whole_split_other_split_and_data_overrides(fsdp_run, corpus_dir):
   workdir, _ = fsdp_run
   whole = json.loads(evaluate_command('--workdir', workdir).stdout)
   assert whole['tokens'] == 60_000  # part3.txt: every target token once
-  other = evaluate_command('--workdir', workdir, '--split', 'train', '--step', 20,
-                           f'--data.files={corpus_dir}/part0.txt', '--data.validation_files=')
+  other = evaluate_command(
+    '--workdir',
+    workdir,
+    '--split',
+    'train',
+    '--step',
+    20,
+    f'--data.files={corpus_dir}/part0.txt',
+    '--data.validation_files=',
+  )
   assert other.returncode == 0, other.stderr[-3000:]
   report = json.loads(other.stdout)
   assert report['step'] == 20 and report['split'] == 'train'

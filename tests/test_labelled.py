@@ -1,5 +1,6 @@
 """Labelled texts for classification: CSV, TSV and JSONL files, label mapping,
 encoding into rows, and the errors that name the file and line."""
+
 import json
 
 import numpy as np
@@ -15,18 +16,29 @@ def config_for(path, validation='', **overrides):
   if validation == path:
     validation = path.with_name('validation_copy' + path.suffix)
     validation.write_bytes(path.read_bytes())
-  return tiny_config(path.parent, **{'task': 'classify', 'data.files': str(path),
-                                     'data.validation_files': str(validation), **overrides})
+  return tiny_config(
+    path.parent,
+    **{
+      'task': 'classify',
+      'data.files': str(path),
+      'data.validation_files': str(validation),
+      **overrides,
+    },
+  )
 
 
 def test_csv_tsv_and_jsonl_read_the_same_examples(tmp_path):
   rows = [('Hello, "world"', 'pos'), ('tab\tfree? no: comma, yes', 'neg'), ('plain', 'pos')]
-  (tmp_path / 'a.csv').write_text('label,text\n' + ''.join(
-      f'{label},"{text.replace(chr(34), chr(34) * 2)}"\n' for text, label in rows))
-  (tmp_path / 'a.jsonl').write_text(''.join(
-      json.dumps({'text': t, 'label': l}) + '\n' for t, l in rows))
-  (tmp_path / 'a.tsv').write_text('text\tlabel\n' + ''.join(
-      f'{t.replace(chr(9), " ")}\t{l}\n' for t, l in rows))
+  (tmp_path / 'a.csv').write_text(
+    'label,text\n'
+    + ''.join(f'{label},"{text.replace(chr(34), chr(34) * 2)}"\n' for text, label in rows)
+  )
+  (tmp_path / 'a.jsonl').write_text(
+    ''.join(json.dumps({'text': t, 'label': label}) + '\n' for t, label in rows)
+  )
+  (tmp_path / 'a.tsv').write_text(
+    'text\tlabel\n' + ''.join(f'{t.replace(chr(9), " ")}\t{label}\n' for t, label in rows)
+  )
   for name in ('a.csv', 'a.jsonl', 'a.tsv'):
     config = config_for(tmp_path / name, tmp_path / name)
     assert labelled.read_split(config.data, config.classify, 'train')[1] == ['pos', 'neg', 'pos']
@@ -38,8 +50,12 @@ def test_csv_tsv_and_jsonl_read_the_same_examples(tmp_path):
 
 def test_text_labels_map_to_sorted_or_given_names_and_rows_are_encoded(tmp_path):
   path = tmp_path / 'train.jsonl'
-  path.write_text(''.join(json.dumps({'text': 'x' * n, 'label': label}) + '\n'
-                          for n, label in ((3, 'b'), (40, 'a'), (0, 'c'), (5, 'a'))))
+  path.write_text(
+    ''.join(
+      json.dumps({'text': 'x' * n, 'label': label}) + '\n'
+      for n, label in ((3, 'b'), (40, 'a'), (0, 'c'), (5, 'a'))
+    )
+  )
   config = config_for(path, path)
   tokenizer = tokenizers.ByteTokenizer()
   splits = labelled.load(config.data, config.classify, tokenizer, 32, ['train', 'validation'])
@@ -72,8 +88,11 @@ def test_bad_labelled_files_say_which_file_line_and_field(tmp_path):
   with pytest.raises(corpora.CorpusError, match=r'train.jsonl:2: not JSON'):
     labelled.read_split(config.data, config.classify, 'train')
   path.write_text('{"text": "a", "label": 0}\n{"review": "b", "label": 1}\n')
-  with pytest.raises(corpora.CorpusError, match=r"train.jsonl:2: no 'text' field \(it has "
-                                                r"'review', 'label'\)"):
+  with pytest.raises(
+    corpora.CorpusError,
+    match=r"train.jsonl:2: no 'text' field \(it has "
+    r"'review', 'label'\)",
+  ):
     labelled.read_split(config.data, config.classify, 'train')
   (tmp_path / 'train.txt').write_text('a\n')
   with pytest.raises(corpora.CorpusError, match='labelled files must be .csv, .tsv'):
@@ -83,8 +102,9 @@ def test_bad_labelled_files_say_which_file_line_and_field(tmp_path):
   valid.write_text('{"text": "c", "label": "maybe"}\n')
   config = config_for(path, valid)
   with pytest.raises(corpora.CorpusError, match=r"split 'validation' has labels \['maybe'\]"):
-    labelled.load(config.data, config.classify, tokenizers.ByteTokenizer(), 16,
-                  ['train', 'validation'])
+    labelled.load(
+      config.data, config.classify, tokenizers.ByteTokenizer(), 16, ['train', 'validation']
+    )
   path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n')
   config = config_for(path, **{'classify.num_classes': 1})
   with pytest.raises(corpora.CorpusError, match='at least 2'):

@@ -1,10 +1,11 @@
 """Metric arithmetic: sums to loss, perplexity, accuracy and bits per byte; FLOP counts."""
+
 import math
 
 import pytest
 
-from lmjax import metrics, models
 from lmjax import config as config_lib
+from lmjax import metrics, models
 
 
 def test_summarize_turns_sums_into_means():
@@ -41,8 +42,11 @@ def test_metric_writer_appends_json_lines(tmp_path):
   assert records[1] == {'step': 10, 'train/loss': 2.0, 'eval/loss': 2.2}
   # TensorBoard's event files hold the same scalars at the same steps.
   assert tensorboard_scalars(tmp_path / 'tensorboard') == {
-      ('train/loss', 5): 2.5, ('train/loss', 10): 2.0, ('eval/loss', 10): 2.2,
-      ('train/loss', 15): 1.5}
+    ('train/loss', 5): 2.5,
+    ('train/loss', 10): 2.0,
+    ('eval/loss', 10): 2.2,
+    ('train/loss', 15): 1.5,
+  }
 
 
 def tensorboard_scalars(directory) -> dict:
@@ -50,6 +54,7 @@ def tensorboard_scalars(directory) -> dict:
   import pathlib
 
   import tensorflow as tf
+
   scalars = {}
   for path in sorted(pathlib.Path(directory).rglob('events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(str(path)):

@@ -1,4 +1,5 @@
 """Transformer LM: loss at init, causality, learning, variants, sharded state."""
+
 import functools
 import math
 
@@ -22,14 +23,20 @@ def model_config(**fields):
 
 def batch_of(tokens):
   tokens = jnp.asarray(tokens, jnp.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'weights': jnp.ones(tokens[:, 1:].shape, jnp.float32)}
+  return {
+    'inputs': tokens[:, :-1],
+    'targets': tokens[:, 1:],
+    'weights': jnp.ones(tokens[:, 1:].shape, jnp.float32),
+  }
 
 
 def init_params(model, seq_len=16, seed=0):
   variables = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
-  return jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x,
-                      variables['params'], is_leaf=lambda x: hasattr(x, 'value'))
+  return jax.tree.map(
+    lambda x: x.value if hasattr(x, 'value') else x,
+    variables['params'],
+    is_leaf=lambda x: hasattr(x, 'value'),
+  )
 
 
 @pytest.mark.parametrize('vocab', [67, 257, 1000])
@@ -41,9 +48,16 @@ def test_loss_at_init_is_about_log_vocab(vocab):
   assert abs(float(loss) - math.log(vocab)) < 0.05 * math.log(vocab)
 
 
-@pytest.mark.parametrize('fields', [
-    {}, {'positions': 'rope'}, {'mlp': 'swiglu', 'norm': 'rmsnorm'},
-    {'tie_embeddings': False, 'vocab_multiple': 64}, {'dtype': 'bfloat16'}])
+@pytest.mark.parametrize(
+  'fields',
+  [
+    {},
+    {'positions': 'rope'},
+    {'mlp': 'swiglu', 'norm': 'rmsnorm'},
+    {'tie_embeddings': False, 'vocab_multiple': 64},
+    {'dtype': 'bfloat16'},
+  ],
+)
 def test_causal_no_token_sees_the_future(fields):
   model = models.build_model(model_config(**fields), 50, 16)
   params = init_params(model)
@@ -76,8 +90,12 @@ def test_packed_document_does_not_see_its_neighbour(positions):
   rows.append(alone)
   segments.append([1] * 9 + [0] * 7)
   positions_.append(list(range(9)) + [0] * 7)
-  logits = model.apply({'params': params}, jnp.asarray(rows), positions=jnp.asarray(positions_),
-                       segment_ids=jnp.asarray(segments))
+  logits = model.apply(
+    {'params': params},
+    jnp.asarray(rows),
+    positions=jnp.asarray(positions_),
+    segment_ids=jnp.asarray(segments),
+  )
   of_document = [logits[0, 7:16], logits[1, 7:16], logits[2, 3:12], logits[3, :9]]
   for other in of_document[1:]:
     np.testing.assert_allclose(other, of_document[0], atol=1e-5)
@@ -110,8 +128,10 @@ def run_steps(model, opt, tokens, num_steps, mesh):
   seq_len = tokens.shape[1] - 1
   _, shardings = train_state.abstract_state(model, tx, seq_len, mesh)
   state = train_state.create_state(model, tx, seq_len, shardings, jax.random.key(0))
-  step = jax.jit(functools.partial(steps.train_step, model=model, schedule=schedule,
-                                   deterministic=True), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(steps.train_step, model=model, schedule=schedule, deterministic=True),
+    donate_argnums=0,
+  )
   batch = sharding.make_global_batch(jax.tree.map(np.asarray, batch_of(tokens)), mesh)
   losses = []
   with sharding.rules_and_mesh(mesh):
@@ -134,8 +154,9 @@ def test_every_optimizer_lowers_the_loss_on_a_repeated_batch(name):
 
 @pytest.mark.parametrize('schedule', [s for s in train_state.SCHEDULES if s != 'epochs'])
 def test_schedules_warm_up_to_the_peak_and_decay(schedule):  # 'epochs': see test_recurrent.py
-  opt = optimizer_config(schedule=schedule, learning_rate=1e-3, warmup_steps=10,
-                         min_learning_rate=1e-4)
+  opt = optimizer_config(
+    schedule=schedule, learning_rate=1e-3, warmup_steps=10, min_learning_rate=1e-4
+  )
   fn = train_state.make_schedule(opt, 100)
   assert float(fn(0)) == 0.0
   assert float(fn(5)) == pytest.approx(5e-4)
@@ -166,8 +187,9 @@ def test_state_is_created_sharded_on_a_2x2x2_mesh_and_trains_like_one_device():
   assert {s.data.shape for s in qkv.addressable_shards} == {(16, 3, 1, 16)}
   adam_mu = state.opt_state[1][0].mu['block_0']['attention']['qkv']['kernel']
   assert adam_mu.sharding.is_equivalent_to(expected, qkv.ndim)
-  single = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
-                              devices=jax.devices()[:1])
+  single = sharding.make_mesh(
+    ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}), devices=jax.devices()[:1]
+  )
   single_losses, _ = run_steps(model, opt, tokens, 3, single)
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
 
@@ -176,12 +198,14 @@ def test_mesh_shape_errors():
   config = ml_collections.ConfigDict({'data': 3, 'fsdp': 1, 'tensor': 1})
   with pytest.raises(ValueError, match='uses 3 devices, but 8 are present'):
     sharding.make_mesh(config)
-  assert sharding.mesh_shape(ml_collections.ConfigDict({'data': -1, 'fsdp': 2, 'tensor': 1}),
-                             8) == (4, 2, 1)
+  assert sharding.mesh_shape(
+    ml_collections.ConfigDict({'data': -1, 'fsdp': 2, 'tensor': 1}), 8
+  ) == (4, 2, 1)
 
 
 def test_cpu_gelu_matches_flax_in_value_and_gradient():
   from lmjax.models import layers
+
   x = jax.random.normal(jax.random.key(0), (4, 8, 32)) * 3
   np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=True), rtol=1e-6)
   ours = jax.grad(lambda v: jnp.sum(jnp.sin(layers.gelu(v))))(x)

@@ -1,5 +1,6 @@
 """Two real processes (jax.distributed on 127.0.0.1, gloo): per-host input, training
 together, checkpoints that restore on one device, and a peer that never joins."""
+
 import json
 import pathlib
 import socket
@@ -25,10 +26,22 @@ def run_two(script, *args, timeout=300):
   """Runs `script PROCESS_ID PORT *args OUTPUT` as processes 0 and 1; returns their JSON."""
   port = free_port()
   outputs = [pathlib.Path(args[-1]) / f'process{i}.json' for i in range(2)]
-  workers = [subprocess.Popen([sys.executable, str(REPO / 'tests' / script), str(i), str(port),
-                               *map(str, args[:-1]), str(outputs[i])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+  workers = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(REPO / 'tests' / script),
+        str(i),
+        str(port),
+        *map(str, args[:-1]),
+        str(outputs[i]),
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = []
   for worker in workers:
     try:
@@ -43,10 +56,11 @@ def run_two(script, *args, timeout=300):
 
 
 def test_two_processes_read_disjoint_rows_that_form_the_single_process_batch(tmp_path):
-  results = run_two("multiprocess_worker.py", tmp_path)
+  results = run_two('multiprocess_worker.py', tmp_path)
 
-  stream = pipeline.TokenStream(tokens=(np.arange(5000) % 97).astype(np.int32), num_documents=1,
-                                num_bytes=5000)
+  stream = pipeline.TokenStream(
+    tokens=(np.arange(5000) % 97).astype(np.int32), num_documents=1, num_bytes=5000
+  )
   single = next(pipeline.train_batches(stream, seq_len=16, global_batch=8, seed=5, start_step=3))
   for index, result in enumerate(results):
     assert (result['process_index'], result['process_count']) == (index, 2)
@@ -63,45 +77,74 @@ def test_two_processes_read_disjoint_rows_that_form_the_single_process_batch(tmp
 def test_two_processes_train_like_one_process_and_restore_on_one_device(corpus_dir, tmp_path):
   import jax
   import ml_collections
+  from multiprocess_train_worker import TRAIN_OVERRIDES
+
   from conftest import tiny_config
   from lmjax import checkpoint, evaluation, metrics, models, sharding, train, train_state
-  from multiprocess_train_worker import TRAIN_OVERRIDES
+
   workdir = tmp_path / 'two'
   results = run_two('multiprocess_train_worker.py', corpus_dir, workdir, tmp_path)
   assert [(r['process_index'], r['process_count'], r['devices']) for r in results] == [
-      (0, 2, 8), (1, 2, 8)]
+    (0, 2, 8),
+    (1, 2, 8),
+  ]
   assert results[0]['result'] == results[1]['result']  # both evaluated the same model
   # One process with 8 devices: the same loss curve.
   config = tiny_config(corpus_dir, **TRAIN_OVERRIDES)
   single = train.train_and_evaluate(config, str(tmp_path / 'one'))
-  curve = lambda d: [(r['step'], r['train/loss']) for r in metrics.read_metrics(str(d))
-                     if 'train/loss' in r]
+  curve = lambda d: [
+    (r['step'], r['train/loss']) for r in metrics.read_metrics(str(d)) if 'train/loss' in r
+  ]
   two_curve, one_curve = curve(workdir), curve(tmp_path / 'one')
   assert [s for s, _ in two_curve] == [s for s, _ in one_curve] == [10, 20]
-  np.testing.assert_allclose([l for _, l in two_curve], [l for _, l in one_curve], rtol=1e-4)
+  np.testing.assert_allclose(
+    [loss for _, loss in two_curve], [loss for _, loss in one_curve], rtol=1e-4
+  )
   np.testing.assert_allclose(results[0]['result']['loss'], single['loss'], rtol=1e-4)
   # The checkpoint both processes wrote restores on one device, with the same evaluation.
   manager = checkpoint.manager(str(workdir), read_only=True)
   assert sorted(manager.all_steps()) == [10, 20]
   tokenizer, data, _ = train.load_data(config, str(workdir))
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
-                            jax.devices()[:1])
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}), jax.devices()[:1]
+  )
   model = models.build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
   tx, _ = train_state.make_optimizer(config.optimizer, config.train.num_steps)
   abstract, shardings = train_state.abstract_state(model, tx, config.data.seq_len, mesh)
   state = checkpoint.restore_state(manager, 20, abstract)
   eval_fn = evaluation.make_eval_fn(model, tokenizer, shardings.params, mesh)
-  restored = evaluation.evaluate(eval_fn, state.params, data.eval, config.data.seq_len,
-                               config.train.eval_batch_size, mesh,
-                               config.train.final_eval_batches)
+  restored = evaluation.evaluate(
+    eval_fn,
+    state.params,
+    data.eval,
+    config.data.seq_len,
+    config.train.eval_batch_size,
+    mesh,
+    config.train.final_eval_batches,
+  )
   np.testing.assert_allclose(restored['loss'], results[0]['result']['loss'], rtol=1e-5)
 
 
 def test_a_peer_that_never_joins_ends_the_run_with_a_clear_error(tmp_path):
   import time
-  command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/default.py', '--workdir',
-             str(tmp_path), '--coordinator_address', f'127.0.0.1:{free_port()}',
-             '--num_processes', '2', '--process_id', '0', '--distributed_timeout', '10']
+
+  command = [
+    sys.executable,
+    '-m',
+    'lmjax.train',
+    '--config',
+    'configs/default.py',
+    '--workdir',
+    str(tmp_path),
+    '--coordinator_address',
+    f'127.0.0.1:{free_port()}',
+    '--num_processes',
+    '2',
+    '--process_id',
+    '0',
+    '--distributed_timeout',
+    '10',
+  ]
   start = time.monotonic()
   result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
   assert result.returncode != 0

@@ -1,6 +1,6 @@
 """Parallelism on 8 simulated CPU devices: every layout takes the same step, sharding
 is real, gradient accumulation, pmap, remat, ahead-of-time memory, resharding restore."""
-import functools
+
 import json
 import subprocess
 import sys
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from lmjax import checkpoint, config as config_lib, models, sharding, steps, train, train_state
+from lmjax import checkpoint, models, sharding, steps, train, train_state
+from lmjax import config as config_lib
 
 SEQ_LEN, BATCH, STEPS = 16, 16, 5
 
@@ -39,16 +40,22 @@ def batches():
   out = []
   for _ in range(2):
     window = rng.integers(0, 60, (BATCH, SEQ_LEN + 1)).astype(np.int32)
-    out.append({'inputs': window[:, :-1], 'targets': window[:, 1:],
-                'weights': (rng.random((BATCH, SEQ_LEN)) > 0.1).astype(np.float32)})
+    out.append(
+      {
+        'inputs': window[:, :-1],
+        'targets': window[:, 1:],
+        'weights': (rng.random((BATCH, SEQ_LEN)) > 0.1).astype(np.float32),
+      }
+    )
   return [out[i % 2] for i in range(STEPS)]
 
 
 def run(mesh_shape=(8, 1, 1), devices=None, **fields):
   """STEPS steps of the tiny Transformer; returns (losses, params on the host, state)."""
   config = model_config(**fields)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape))),
-                            devices)
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape))), devices
+  )
   model = models.build_model(config.model, 60, SEQ_LEN)
   tx, schedule = train_state.make_optimizer(config.optimizer, 100)
   _, shardings = train_state.abstract_state(model, tx, SEQ_LEN, mesh)
@@ -61,8 +68,11 @@ def run(mesh_shape=(8, 1, 1), devices=None, **fields):
         batch = sharding.make_global_batch(batch, mesh)
       state, metrics = step(state, batch, jax.random.key(1))
       losses.append(float(metrics['loss_sum'] / metrics['weight_sum']))
-  params = sharding.host_copy(state.params) if config.parallelism == 'pmap' else jax.device_get(
-      state.params)
+  params = (
+    sharding.host_copy(state.params)
+    if config.parallelism == 'pmap'
+    else jax.device_get(state.params)
+  )
   return losses, params, state
 
 
@@ -79,13 +89,23 @@ def lstm_reference():
   return run(devices=jax.devices()[:1], mesh_shape=(1, 1, 1), **LSTM)
 
 
-@pytest.mark.parametrize('layout', [
-    {'mesh_shape': (8, 1, 1)}, {'mesh_shape': (2, 4, 1)}, {'mesh_shape': (2, 2, 2)},
-    {'mesh_shape': (1, 1, 8)}, {'mesh_shape': (8, 1, 1), 'train.microbatches': 4},
-    {'mesh_shape': (2, 4, 1), 'train.microbatches': 2}, {'parallelism': 'pmap'},
-    {'mesh_shape': (8, 1, 1), 'model.remat': 'full'}, {'mesh_shape': (2, 4, 1), 'model.remat': 'dots'},
-    {'mesh_shape': (8, 1, 1), **LSTM}, {'mesh_shape': (2, 4, 1), **LSTM}],
-    ids=lambda layout: '-'.join(f'{k}={v}' for k, v in layout.items()))
+@pytest.mark.parametrize(
+  'layout',
+  [
+    {'mesh_shape': (8, 1, 1)},
+    {'mesh_shape': (2, 4, 1)},
+    {'mesh_shape': (2, 2, 2)},
+    {'mesh_shape': (1, 1, 8)},
+    {'mesh_shape': (8, 1, 1), 'train.microbatches': 4},
+    {'mesh_shape': (2, 4, 1), 'train.microbatches': 2},
+    {'parallelism': 'pmap'},
+    {'mesh_shape': (8, 1, 1), 'model.remat': 'full'},
+    {'mesh_shape': (2, 4, 1), 'model.remat': 'dots'},
+    {'mesh_shape': (8, 1, 1), **LSTM},
+    {'mesh_shape': (2, 4, 1), **LSTM},
+  ],
+  ids=lambda layout: '-'.join(f'{k}={v}' for k, v in layout.items()),
+)
 def test_every_layout_takes_the_single_device_steps(reference, lstm_reference, layout):
   losses, params, _ = run(**layout)
   ref_losses, ref_params, _ = lstm_reference if 'model.family' in layout else reference
@@ -123,7 +143,7 @@ def test_microbatches_must_divide_the_batch():
 def test_unknown_parallelism_and_remat_are_named():
   with pytest.raises(ValueError, match="parallelism must be 'mesh' or 'pmap'; got 'pjit'"):
     run(parallelism='pjit')
-  with pytest.raises(ValueError, match="model.remat must be one of none, full, dots"):
+  with pytest.raises(ValueError, match='model.remat must be one of none, full, dots'):
     run(**{'model.remat': 'some'})
 
 
@@ -137,8 +157,9 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
   model = models.build_model(config.model, 60, SEQ_LEN)
   tx, _ = train_state.make_optimizer(config.optimizer, 100)
   for devices, shape in ((None, (8, 1, 1)), (jax.devices()[:1], (1, 1, 1))):
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))),
-                              devices)
+    mesh = sharding.make_mesh(
+      ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))), devices
+    )
     abstract, _ = train_state.abstract_state(model, tx, SEQ_LEN, mesh)
     restored = checkpoint.restore_state(manager, STEPS, abstract)
     kernel = restored.params['block_0']['attention']['qkv']['kernel']
@@ -150,8 +171,16 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
 
 @pytest.mark.slow
 def test_compile_only_reports_per_device_memory():
-  command = [sys.executable, '-m', 'lmjax.train', '--config', 'configs/default.py',
-             '--compile_only', '--config.mesh.data=2', '--config.mesh.fsdp=4']
+  command = [
+    sys.executable,
+    '-m',
+    'lmjax.train',
+    '--config',
+    'configs/default.py',
+    '--compile_only',
+    '--config.mesh.data=2',
+    '--config.mesh.fsdp=4',
+  ]
   env = {**__import__('os').environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -166,15 +195,26 @@ def test_compile_only_reports_per_device_memory():
 @pytest.mark.slow
 def test_pmap_run_trains_checkpoints_and_evaluates_like_the_mesh_run(corpus_dir, tmp_path):
   from conftest import tiny_config
-  overrides = {'train.num_steps': 20, 'train.eval_every': 10, 'checkpoint.every': 10,
-               'sample.max_new_tokens': 5}
+
+  overrides = {
+    'train.num_steps': 20,
+    'train.eval_every': 10,
+    'checkpoint.every': 10,
+    'sample.max_new_tokens': 5,
+  }
   mesh_run = train.train_and_evaluate(tiny_config(corpus_dir, **overrides), str(tmp_path / 'm'))
-  pmap_run = train.train_and_evaluate(tiny_config(corpus_dir, parallelism='pmap', **overrides),
-                                      str(tmp_path / 'p'))
+  pmap_run = train.train_and_evaluate(
+    tiny_config(corpus_dir, parallelism='pmap', **overrides), str(tmp_path / 'p')
+  )
   np.testing.assert_allclose(pmap_run['loss'], mesh_run['loss'], rtol=1e-4)
   manager = checkpoint.manager(str(tmp_path / 'p'), read_only=True)
   assert sorted(manager.all_steps()) == [10, 20]
   with pytest.raises(ValueError, match="parallelism='pmap' does not carry recurrent state"):
-    train.train_and_evaluate(tiny_config(corpus_dir, parallelism='pmap', **{
-        **overrides, 'model.family': 'lstm', 'data.layout': 'stream'}), str(tmp_path / 'r'))
-
+    train.train_and_evaluate(
+      tiny_config(
+        corpus_dir,
+        parallelism='pmap',
+        **{**overrides, 'model.family': 'lstm', 'data.layout': 'stream'},
+      ),
+      str(tmp_path / 'r'),
+    )

@@ -1,4 +1,5 @@
 """Recurrent LMs (Elman RNN, LSTM, GRU): gradients, carried state, Zaremba configs, training."""
+
 import math
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from lmjax import checkpoint, config as config_lib, models, steps, train, train_state
+from lmjax import checkpoint, models, steps, train, train_state
+from lmjax import config as config_lib
 from lmjax.models import recurrent
 
 
@@ -23,6 +25,7 @@ def recurrent_model(family, vocab=50, **fields):
 
 def init_params(model, seed=0):
   import flax.linen as nn
+
   return nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 16), jnp.int32))['params'])
 
 
@@ -34,8 +37,9 @@ def test_hand_scheduled_backward_equals_autodiff_of_the_loop(cell):
   gx = jnp.asarray(rng.normal(size=(time_, batch, gates * hidden)), jnp.float32)
   w_hh = jnp.asarray(rng.normal(size=(hidden, gates * hidden)) * 0.5, jnp.float32)
   b_hh = jnp.asarray(rng.normal(size=gates * hidden), jnp.float32) if cell == 'gru' else None
-  state = tuple(jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32)
-                for _ in range(num_states))
+  state = tuple(
+    jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32) for _ in range(num_states)
+  )
 
   def plain(gx, w_hh, b_hh, state):  # lax.scan, differentiated by JAX
     final, states, _ = recurrent.forward(cell, gx, w_hh, b_hh, state)
@@ -44,14 +48,16 @@ def test_hand_scheduled_backward_equals_autodiff_of_the_loop(cell):
   def loss(fn):
     def value(*args):
       outputs, final = fn(*args)
-      return jnp.sum(jnp.sin(outputs)) + sum(jnp.sum(s ** 2) for s in final)
+      return jnp.sum(jnp.sin(outputs)) + sum(jnp.sum(s**2) for s in final)
+
     return value
 
   args = (gx, w_hh, b_hh, state)
   expected = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(*args)
   got = jax.grad(loss(lambda *a: recurrent.recurrence(cell, *a)), argnums=(0, 1, 2, 3))(*args)
-  np.testing.assert_allclose(loss(plain)(*args), loss(
-      lambda *a: recurrent.recurrence(cell, *a))(*args), rtol=1e-6)
+  np.testing.assert_allclose(
+    loss(plain)(*args), loss(lambda *a: recurrent.recurrence(cell, *a))(*args), rtol=1e-6
+  )
   for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
@@ -100,22 +106,33 @@ def test_uniform_init_scale_and_tied_embeddings():
   assert float(jnp.std(params['layer_0']['w_hh'])) > 0.05  # uniform(-0.1, 0.1): std 0.058
   tied = recurrent_model('gru', tie_embeddings=True, embed_dim=24)
   assert 'unembed' not in init_params(tied)
-  with pytest.raises(ValueError, match=r'tie_embeddings needs model.embed_dim \(16\) == '
-                                       r'model.hidden_dim \(24\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'tie_embeddings needs model.embed_dim \(16\) == '
+    r'model.hidden_dim \(24\)',
+  ):
     init_params(recurrent_model('rnn', tie_embeddings=True))
 
 
-@pytest.mark.parametrize('size,epochs,decay_after,factor', [
-    ('small', 13, 4, 0.5), ('medium', 39, 6, 0.8), ('large', 55, 14, 1 / 1.15)])
+@pytest.mark.parametrize(
+  'size,epochs,decay_after,factor',
+  [('small', 13, 4, 0.5), ('medium', 39, 6, 0.8), ('large', 55, 14, 1 / 1.15)],
+)
 def test_zaremba_configs_and_their_learning_rate_table(size, epochs, decay_after, factor):
   config = config_lib.load_config_file(str(REPO / 'configs' / f'ptb_lstm_{size}.py') + ':/ptb')
-  hidden, unroll, dropout, init_scale = {'small': (200, 20, 0.0, 0.1),
-                                         'medium': (650, 35, 0.5, 0.05),
-                                         'large': (1500, 35, 0.65, 0.04)}[size]
+  hidden, unroll, dropout, init_scale = {
+    'small': (200, 20, 0.0, 0.1),
+    'medium': (650, 35, 0.5, 0.05),
+    'large': (1500, 35, 0.65, 0.04),
+  }[size]
   m, t, o = config.model, config.train, config.optimizer
   assert (m.family, m.num_layers, m.hidden_dim, m.embed_dim) == ('lstm', 2, hidden, hidden)
   assert (m.dropout, m.init_scale, config.data.seq_len, t.batch_size) == (
-      dropout, init_scale, unroll, 20)
+    dropout,
+    init_scale,
+    unroll,
+    20,
+  )
   assert (o.name, o.learning_rate, o.grad_clip, t.num_epochs) == ('sgd', 1.0, 5.0, epochs)
   assert config.data.files == '/ptb/ptb.train.txt' and config.data.layout == 'stream'
   assert config.tokenizer.kind == 'words' and t.loss_normalization == 'rows'
@@ -146,15 +163,30 @@ def test_row_normalised_loss_is_summed_over_time():
 # ----------------------------------------------------------------------------
 # Training end to end, on the tiny-shakespeare files.
 
+
 def rnn_config(corpus_dir, **overrides):
-  fields = {'model.family': 'lstm', 'model.num_layers': 1, 'model.embed_dim': 64,
-            'model.hidden_dim': 128, 'model.tie_embeddings': False, 'data.layout': 'stream',
-            'data.seq_len': 8, 'train.batch_size': 16, 'train.eval_batch_size': 16,
-            'train.num_steps': 160, 'train.eval_every': 80, 'train.eval_batches': 10,
-            'checkpoint.every': 80, 'train.log_every': 20, 'train.final_eval_batches': -1,
-            'optimizer.name': 'adam', 'optimizer.learning_rate': 1e-2,
-            'optimizer.weight_decay': 0.0, 'optimizer.grad_clip': 5.0,
-            'sample.max_new_tokens': 0}
+  fields = {
+    'model.family': 'lstm',
+    'model.num_layers': 1,
+    'model.embed_dim': 64,
+    'model.hidden_dim': 128,
+    'model.tie_embeddings': False,
+    'data.layout': 'stream',
+    'data.seq_len': 8,
+    'train.batch_size': 16,
+    'train.eval_batch_size': 16,
+    'train.num_steps': 160,
+    'train.eval_every': 80,
+    'train.eval_batches': 10,
+    'checkpoint.every': 80,
+    'train.log_every': 20,
+    'train.final_eval_batches': -1,
+    'optimizer.name': 'adam',
+    'optimizer.learning_rate': 1e-2,
+    'optimizer.weight_decay': 0.0,
+    'optimizer.grad_clip': 5.0,
+    'sample.max_new_tokens': 0,
+  }
   fields.update(overrides)
   return tiny_config(corpus_dir, **fields)
 
@@ -163,9 +195,12 @@ def rnn_config(corpus_dir, **overrides):
 def lstm_runs(corpus_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('lstm')
   dirs = {name: str(base / name) for name in ('carried', 'reset', 'split')}
-  results = {'carried': train.train_and_evaluate(rnn_config(corpus_dir), dirs['carried']),
-             'reset': train.train_and_evaluate(
-                 rnn_config(corpus_dir, **{'train.carry_state': False}), dirs['reset'])}
+  results = {
+    'carried': train.train_and_evaluate(rnn_config(corpus_dir), dirs['carried']),
+    'reset': train.train_and_evaluate(
+      rnn_config(corpus_dir, **{'train.carry_state': False}), dirs['reset']
+    ),
+  }
   train.train_and_evaluate(rnn_config(corpus_dir, **{'train.stop_at': 80}), dirs['split'])
   results['split'] = train.train_and_evaluate(rnn_config(corpus_dir), dirs['split'])
   return dirs, results
@@ -183,6 +218,7 @@ def test_carried_state_beats_resetting_every_batch(lstm_runs):
 @pytest.mark.slow
 def test_resume_with_carried_state_is_exact(lstm_runs):
   import orbax.checkpoint as ocp
+
   dirs, results = lstm_runs
   assert results['split']['loss'] == results['carried']['loss']
 
@@ -200,8 +236,21 @@ def test_resume_with_carried_state_is_exact(lstm_runs):
 @pytest.mark.slow
 def test_sample_command_generates_from_a_recurrent_model(lstm_runs):
   dirs, _ = lstm_runs
-  command = [sys.executable, '-m', 'lmjax.sample', '--workdir', dirs['carried'], '--prompt',
-             'ROMEO:', '--max_new_tokens', '40', '--temperature', '0', '--num_samples', '2']
+  command = [
+    sys.executable,
+    '-m',
+    'lmjax.sample',
+    '--workdir',
+    dirs['carried'],
+    '--prompt',
+    'ROMEO:',
+    '--max_new_tokens',
+    '40',
+    '--temperature',
+    '0',
+    '--num_samples',
+    '2',
+  ]
   result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert result.returncode == 0, result.stderr[-2000:]
   samples = result.stdout.split('--- sample ')[1:]
@@ -213,20 +262,32 @@ def test_sample_command_generates_from_a_recurrent_model(lstm_runs):
 @pytest.mark.parametrize('family', ['rnn', 'gru'])
 def test_rnn_and_gru_learn_characters(corpus_dir, tmp_path, family):
   result = train.train_and_evaluate(
-      rnn_config(corpus_dir, **{'model.family': family, 'train.num_steps': 120,
-                                'train.eval_every': 0, 'data.seq_len': 16}), str(tmp_path))
+    rnn_config(
+      corpus_dir,
+      **{'model.family': family, 'train.num_steps': 120, 'train.eval_every': 0, 'data.seq_len': 16},
+    ),
+    str(tmp_path),
+  )
   assert result['loss'] < result['unigram_entropy'] - 0.5
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('family', recurrent.CELLS)
 def test_every_family_learns_words(corpus_dir, tmp_path, family):
-  config = rnn_config(corpus_dir, **{'model.family': family, 'tokenizer.kind': 'words',
-                                     'tokenizer.min_count': 3, 'data.append_eos': False,
-                                     'data.seq_len': 16, 'train.eval_every': 0,
-                                     # The tanh RNN wants gentler, more steps than the gated cells.
-                                     'train.num_steps': 200 if family == 'rnn' else 100,
-                                     'optimizer.learning_rate': 2e-3 if family == 'rnn' else 5e-3})
+  config = rnn_config(
+    corpus_dir,
+    **{
+      'model.family': family,
+      'tokenizer.kind': 'words',
+      'tokenizer.min_count': 3,
+      'data.append_eos': False,
+      'data.seq_len': 16,
+      'train.eval_every': 0,
+      # The tanh RNN wants gentler, more steps than the gated cells.
+      'train.num_steps': 200 if family == 'rnn' else 100,
+      'optimizer.learning_rate': 2e-3 if family == 'rnn' else 5e-3,
+    },
+  )
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result['loss'] < result['unigram_entropy'] - 0.3
   assert math.isfinite(result['perplexity'])

@@ -1,5 +1,6 @@
 """Reliability: plain-Orbax restore anywhere, resume past damaged steps, storage
 errors told apart from damage, one trainer per workdir, a full disk, bounded hangs."""
+
 import json
 import os
 import pathlib
@@ -17,9 +18,16 @@ import pytest
 from conftest import REPO, tiny_config
 from lmjax import checkpoint, locks, storage, train
 
-STEPS = dict(**{'train.num_steps': 20, 'checkpoint.every': 10, 'train.eval_every': 0,
-                'train.log_every': 10, 'sample.max_new_tokens': 0,
-                'train.final_eval_batches': 2})
+STEPS = dict(
+  **{
+    'train.num_steps': 20,
+    'checkpoint.every': 10,
+    'train.eval_every': 0,
+    'train.log_every': 10,
+    'sample.max_new_tokens': 0,
+    'train.final_eval_batches': 2,
+  }
+)
 
 
 @pytest.fixture(scope='module')
@@ -37,8 +45,13 @@ def copy_of(run_dir, tmp_path) -> pathlib.Path:
 
 
 def evaluate_command(*args, prefix=(), timeout=300):
-  return subprocess.run([*prefix, sys.executable, '-m', 'lmjax.evaluate', *map(str, args)],
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  return subprocess.run(
+    [*prefix, sys.executable, '-m', 'lmjax.evaluate', *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=REPO,
+  )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -52,7 +65,7 @@ def largest_file(directory: pathlib.Path) -> pathlib.Path:
 
 def readme_restore_snippet() -> str:
   text = (REPO / 'README.md').read_text()
-  section = text[text.index('## Checkpoints'):]
+  section = text[text.index('## Checkpoints') :]
   return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 
@@ -62,46 +75,55 @@ def test_the_readmes_plain_orbax_restore_works_on_one_device(run_dir):
   snippet = readme_restore_snippet()
   assert 'import orbax.checkpoint as ocp' in snippet and 'lmjax' not in snippet
   path = str(run_dir / 'checkpoints' / '20' / 'state')
-  program = snippet.replace('runs/default/checkpoints/1200/state', path) + textwrap.dedent('''
+  program = snippet.replace('runs/default/checkpoints/1200/state', path) + textwrap.dedent("""
       import jax, json
       print(json.dumps({'devices': jax.device_count(),
                         'sums': {jax.tree_util.keystr(k): float(abs(v).sum())
                                  for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}}))
-      ''')
+      """)
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  result = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True,
-                          timeout=120, env=env)
+  result = subprocess.run(
+    [sys.executable, '-c', program], capture_output=True, text=True, timeout=120, env=env
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   restored = json.loads(result.stdout.strip().splitlines()[-1])
   assert restored['devices'] == 1
   import jax
+
   manager = checkpoint.manager(str(run_dir), read_only=True)
   saved = checkpoint.restore_params(manager, 20, abstract_params_of(run_dir))
-  expected = {jax.tree_util.keystr(k): float(np.abs(np.asarray(v)).sum())
-              for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  expected = {
+    jax.tree_util.keystr(k): float(np.abs(np.asarray(v)).sum())
+    for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]
+  }
   assert restored['sums'].keys() == expected.keys() and len(expected) > 10
-  np.testing.assert_allclose([restored['sums'][k] for k in expected],
-                             [expected[k] for k in expected], rtol=1e-6)
+  np.testing.assert_allclose(
+    [restored['sums'][k] for k in expected], [expected[k] for k in expected], rtol=1e-6
+  )
 
 
 def abstract_params_of(run_dir):
   """The run's parameters as lmjax restores them (onto this process's 8 devices)."""
   import ml_collections
+
   from lmjax import sharding, tasks, train_state
+
   config, tokenizer = checkpoint.read_run(checkpoint.manager(str(run_dir), read_only=True), 20)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
   model = tasks.build_model(config, tokenizer)
   return train_state.abstract_params(model, config.data.seq_len, mesh)
 
 
-def test_resume_falls_back_past_a_damaged_newest_step_and_keeps_it(run_dir, corpus_dir,
-                                                                   tmp_path, capsys):
+def test_resume_falls_back_past_a_damaged_newest_step_and_keeps_it(
+  run_dir, corpus_dir, tmp_path, capsys
+):
   workdir = copy_of(run_dir, tmp_path)
   victim = largest_file(workdir / 'checkpoints' / '20' / 'state')
   with open(victim, 'r+b') as f:
     f.truncate(16)
-  result = train.train_and_evaluate(tiny_config(corpus_dir, **{**STEPS, 'train.num_steps': 30}),
-                                    str(workdir))
+  result = train.train_and_evaluate(
+    tiny_config(corpus_dir, **{**STEPS, 'train.num_steps': 30}), str(workdir)
+  )
   out = capsys.readouterr().out
   assert 'checkpoint step 20 at ' in out and 'damaged' in out
   assert 'resumed from checkpoint step 10' in out
@@ -110,8 +132,9 @@ def test_resume_falls_back_past_a_damaged_newest_step_and_keeps_it(run_dir, corp
   assert 'tensorstore_spec' not in out
   # The damaged step is kept aside, byte for byte; the run saved 20 and 30 anew.
   kept = workdir / checkpoint.DAMAGED / '20'
-  assert (kept / 'state' / victim.relative_to(workdir / 'checkpoints' / '20' / 'state')
-          ).stat().st_size == 16
+  assert (
+    kept / 'state' / victim.relative_to(workdir / 'checkpoints' / '20' / 'state')
+  ).stat().st_size == 16
   assert sorted(checkpoint.manager(str(workdir), read_only=True).all_steps()) == [10, 20, 30]
   assert np.isfinite(result['loss'])
 
@@ -140,7 +163,9 @@ def test_an_unreadable_file_is_retried_then_fails_without_falling_back(run_dir, 
   assert 'checkpoint step 20' in line and f'failed {checkpoint.IO_ATTEMPTS} times' in line
   assert 'Permission denied' in line or 'PERMISSION_DENIED' in line
   assert 'falling back' not in result.stderr and 'step 10' not in result.stderr
-  assert time.monotonic() - start > checkpoint.RETRY_DELAY_S * (2**(checkpoint.IO_ATTEMPTS - 1) - 1)
+  assert time.monotonic() - start > checkpoint.RETRY_DELAY_S * (
+    2 ** (checkpoint.IO_ATTEMPTS - 1) - 1
+  )
   assert len(line) < 600
 
 
@@ -163,16 +188,25 @@ def test_storage_errors_and_damage_are_told_apart():
   assert storage.is_disk_full(OSError(28, 'No space left on device'))
   assert storage.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Error writing "x/0"'))
   spec = 'x' * 5000
-  short = storage.brief(ValueError(f'NOT_FOUND: missing [tensorstore_spec=\'{spec}\']'))
+  short = storage.brief(ValueError(f"NOT_FOUND: missing [tensorstore_spec='{spec}']"))
   assert short == 'ValueError: NOT_FOUND: missing'
 
 
 # ----------------------------------------------------------------------------
 # One trainer per workdir.
 
+
 def train_command(corpus_dir, workdir, *overrides):
-  return [sys.executable, '-m', 'lmjax.train', '--config',
-          f'{REPO}/tests/tiny_run_config.py:{corpus_dir}', '--workdir', str(workdir), *overrides]
+  return [
+    sys.executable,
+    '-m',
+    'lmjax.train',
+    '--config',
+    f'{REPO}/tests/tiny_run_config.py:{corpus_dir}',
+    '--workdir',
+    str(workdir),
+    *overrides,
+  ]
 
 
 def wait_for(path: pathlib.Path, text: str, process, timeout=240):
@@ -188,15 +222,25 @@ def wait_for(path: pathlib.Path, text: str, process, timeout=240):
 @pytest.mark.slow
 def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken(corpus_dir, tmp_path):
   workdir, log = tmp_path / 'run', tmp_path / 'first.txt'
-  long_run = ('--config.train.num_steps=100000', '--config.checkpoint.every=50',
-              '--config.train.eval_every=0', '--config.sample.max_new_tokens=0')
+  long_run = (
+    '--config.train.num_steps=100000',
+    '--config.checkpoint.every=50',
+    '--config.train.eval_every=0',
+    '--config.sample.max_new_tokens=0',
+  )
   with open(log, 'w') as out:
-    first = subprocess.Popen(train_command(corpus_dir, workdir, *long_run), stdout=out,
-                             stderr=subprocess.STDOUT, cwd=REPO)
+    first = subprocess.Popen(
+      train_command(corpus_dir, workdir, *long_run), stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+    )
     try:
       wait_for(log, 'compiled and ran the first train step', first)
-      second = subprocess.run(train_command(corpus_dir, workdir, *long_run), cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+      second = subprocess.run(
+        train_command(corpus_dir, workdir, *long_run),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+      )
       assert second.returncode == 1
       [line] = error_lines(second.stderr)
       assert f'in use by another training run: process {first.pid} on host' in line
@@ -207,9 +251,13 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken(corpus_dir,
       first.wait()
   # The killed run's lock file is still there; its lock went with the process.
   assert json.loads((workdir / 'lock').read_text())['pid'] == first.pid
-  resumed = subprocess.run(train_command(corpus_dir, workdir, '--config.train.num_steps=60',
-                                         *long_run[1:]),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  resumed = subprocess.run(
+    train_command(corpus_dir, workdir, '--config.train.num_steps=60', *long_run[1:]),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from checkpoint step' in resumed.stdout
 
@@ -231,22 +279,33 @@ def test_a_lock_on_an_object_store_is_refused_while_fresh_and_taken_when_stale()
 # ----------------------------------------------------------------------------
 # A full disk.
 
+
 @pytest.mark.slow
-def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_restores(corpus_dir,
-                                                                            tmp_path):
+def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_restores(corpus_dir, tmp_path):
   mount = tmp_path / 'small'
   mount.mkdir()
-  made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount)],
-                        capture_output=True, text=True)
+  made = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount)], capture_output=True, text=True
+  )
   if made.returncode != 0:
     pytest.skip(f'cannot mount a small tmpfs here: {made.stderr.strip()}')
   try:
     workdir = mount / 'run'
-    result = subprocess.run(train_command(
-        corpus_dir, workdir, '--config.train.num_steps=200', '--config.checkpoint.every=10',
-        '--config.checkpoint.keep=100', '--config.train.eval_every=0',
-        '--config.sample.max_new_tokens=0'), cwd=REPO, capture_output=True, text=True,
-        timeout=300)
+    result = subprocess.run(
+      train_command(
+        corpus_dir,
+        workdir,
+        '--config.train.num_steps=200',
+        '--config.checkpoint.every=10',
+        '--config.checkpoint.keep=100',
+        '--config.train.eval_every=0',
+        '--config.sample.max_new_tokens=0',
+      ),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
     [line] = error_lines(result.stderr)
@@ -263,7 +322,7 @@ def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_restores(corp
 # ----------------------------------------------------------------------------
 # Bounded hangs.
 
-_STUCK = '''
+_STUCK = """
 import os, sys, time
 from lmjax import watchdog
 guard = watchdog.Watchdog(timeout_s=float(sys.argv[1]), sigterm_grace_s=2.0).start()
@@ -273,14 +332,19 @@ with guard.phase('evaluation', 50):
   print('stuck', flush=True)
   while True:
     time.sleep(100)
-'''
+"""
 
 
 @pytest.mark.parametrize('how', ['phase timeout', 'sigterm'])
 def test_a_stuck_phase_ends_the_process_with_its_step_and_phase(how):
   timeout = 3.0 if how == 'phase timeout' else 600.0
-  process = subprocess.Popen([sys.executable, '-c', _STUCK, str(timeout)], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    [sys.executable, '-c', _STUCK, str(timeout)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   assert process.stdout.readline().strip() == 'stuck'
   start = time.monotonic()
   if how == 'sigterm':
@@ -297,6 +361,7 @@ def test_a_stuck_phase_ends_the_process_with_its_step_and_phase(how):
 
 def watchdog_exit_code() -> int:
   from lmjax import watchdog
+
   return watchdog.HUNG_EXIT_CODE
 
 
@@ -305,12 +370,30 @@ def test_a_simulated_pod_with_two_devices_per_process_evaluates_and_ends(tmp_pat
   # Before the fix, this run hung in its step-50 or final evaluation in most tries.
   workdir = tmp_path / 'pod'
   result = subprocess.run(
-      [sys.executable, 'launch/local_pod', '--processes', '2', '--devices_per_process', '2',
-       '--', '--config', 'configs/default.py', '--workdir', str(workdir),
-       '--config.train.num_steps=100', '--config.train.eval_every=50',
-       '--config.train.eval_batches=4', '--config.train.final_eval_batches=8',
-       '--config.sample.max_new_tokens=20', '--config.train.phase_timeout_s=120'],
-      cwd=REPO, capture_output=True, text=True, timeout=400,
-      env={**os.environ, 'PYTHON': sys.executable})
+    [
+      sys.executable,
+      'launch/local_pod',
+      '--processes',
+      '2',
+      '--devices_per_process',
+      '2',
+      '--',
+      '--config',
+      'configs/default.py',
+      '--workdir',
+      str(workdir),
+      '--config.train.num_steps=100',
+      '--config.train.eval_every=50',
+      '--config.train.eval_batches=4',
+      '--config.train.final_eval_batches=8',
+      '--config.sample.max_new_tokens=20',
+      '--config.train.phase_timeout_s=120',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    env={**os.environ, 'PYTHON': sys.executable},
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'step 50: eval loss' in result.stdout and 'final eval' in result.stdout

@@ -1,12 +1,14 @@
 """Generation: KV-cache decoding equals recomputation, prompts of different lengths,
 top-k / top-p, end tokens, determinism, recurrent models."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib, models, sample
+from lmjax import config as config_lib
+from lmjax import models, sample
 from lmjax.data import tokenizers
 
 VOCAB, CONTEXT = 50, 24
@@ -31,8 +33,9 @@ def test_greedy_with_the_cache_equals_full_recomputation(positions):
   model, params = random_model(positions=positions)
   greedy = dict(vocab_size=VOCAB, temperature=0.0)
   cached = sample.generate(params, model, PROMPT, CONTEXT - len(PROMPT), **greedy)
-  recomputed = sample.generate(params, model, PROMPT, CONTEXT - len(PROMPT), use_cache=False,
-                               **greedy)
+  recomputed = sample.generate(
+    params, model, PROMPT, CONTEXT - len(PROMPT), use_cache=False, **greedy
+  )
   np.testing.assert_array_equal(cached, recomputed)
   assert len(set(cached[0].tolist())) > 3  # not a degenerate repetition
 
@@ -42,8 +45,9 @@ def test_sampling_with_the_cache_equals_recomputation_for_a_seed():
   kwargs = dict(vocab_size=VOCAB, temperature=1.0, top_k=10, top_p=0.9, seed=3, num_samples=4)
   cached = sample.generate(params, model, PROMPT, 12, **kwargs)
   np.testing.assert_array_equal(cached, sample.generate(params, model, PROMPT, 12, **kwargs))
-  np.testing.assert_array_equal(cached, sample.generate(params, model, PROMPT, 12,
-                                                        use_cache=False, **kwargs))
+  np.testing.assert_array_equal(
+    cached, sample.generate(params, model, PROMPT, 12, use_cache=False, **kwargs)
+  )
   assert len({tuple(row) for row in cached}) > 1  # rows draw independently
   other = sample.generate(params, model, PROMPT, 12, **{**kwargs, 'seed': 4})
   assert not np.array_equal(cached, other)
@@ -55,8 +59,9 @@ def test_rope_decodes_past_the_context_with_a_ring_buffer():
   assert out.shape == (1, 3 * CONTEXT)
   learned, learned_params = random_model(positions='learned')
   # Learned positions cannot go past the context: the reference (recompute) path is used.
-  longer = sample.generate(learned_params, learned, PROMPT, CONTEXT, vocab_size=VOCAB,
-                           temperature=0.0)
+  longer = sample.generate(
+    learned_params, learned, PROMPT, CONTEXT, vocab_size=VOCAB, temperature=0.0
+  )
   assert longer.shape == (1, CONTEXT)
 
 
@@ -79,18 +84,22 @@ def test_prompts_of_different_lengths_decode_past_a_learned_context(use_cache):
   model, params = random_model(positions='learned')
   prompts = [PROMPT, PROMPT[:2], np.array([11, 3, 5, 8, 2, 6, 30, 12], np.int32)]
   new_tokens = 2 * CONTEXT
-  together = sample.generate(params, model, prompts, new_tokens, vocab_size=VOCAB,
-                             temperature=0.0, use_cache=use_cache)
+  together = sample.generate(
+    params, model, prompts, new_tokens, vocab_size=VOCAB, temperature=0.0, use_cache=use_cache
+  )
   assert together.shape == (3, new_tokens)
   for prompt, row in zip(prompts, together):
-    alone = sample.generate(params, model, prompt, new_tokens, vocab_size=VOCAB,
-                            temperature=0.0, use_cache=False)
+    alone = sample.generate(
+      params, model, prompt, new_tokens, vocab_size=VOCAB, temperature=0.0, use_cache=False
+    )
     np.testing.assert_array_equal(row, alone[0])
   # Within the context, the recomputation agrees with the key/value cache.
-  short = sample.generate(params, model, prompts, 8, vocab_size=VOCAB, temperature=0.0,
-                          use_cache=False)
-  np.testing.assert_array_equal(short, sample.generate(params, model, prompts, 8,
-                                                       vocab_size=VOCAB, temperature=0.0))
+  short = sample.generate(
+    params, model, prompts, 8, vocab_size=VOCAB, temperature=0.0, use_cache=False
+  )
+  np.testing.assert_array_equal(
+    short, sample.generate(params, model, prompts, 8, vocab_size=VOCAB, temperature=0.0)
+  )
 
 
 def test_recurrent_greedy_decoding_matches_reading_the_whole_sequence():
@@ -98,23 +107,25 @@ def test_recurrent_greedy_decoding_matches_reading_the_whole_sequence():
   out = sample.generate(params, model, PROMPT, 6, vocab_size=VOCAB, temperature=0.0)[0]
   sequence = np.concatenate([PROMPT, out])
   logits, _ = model.apply({'params': params}, jnp.asarray(sequence[None, :-1]))
-  np.testing.assert_array_equal(np.argmax(logits[0, len(PROMPT) - 1:], -1), out)
+  np.testing.assert_array_equal(np.argmax(logits[0, len(PROMPT) - 1 :], -1), out)
 
 
 def test_generation_stops_at_the_end_token():
   model, params = random_model()
   free = sample.generate(params, model, PROMPT, 10, vocab_size=VOCAB, temperature=0.0)[0]
   eos = int(free[2])
-  stopped = sample.generate(params, model, PROMPT, 10, vocab_size=VOCAB, temperature=0.0,
-                            eos_id=eos)[0]
+  stopped = sample.generate(
+    params, model, PROMPT, 10, vocab_size=VOCAB, temperature=0.0, eos_id=eos
+  )[0]
   np.testing.assert_array_equal(stopped[:3], free[:3])
   assert list(free).index(eos) == list(stopped).index(eos) <= 2
 
 
 def test_top_k_and_top_p_keep_the_most_likely_tokens():
   logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
-  kept = lambda **kw: np.isfinite(np.asarray(sample.filter_logits(logits, 1.0, vocab_size=4,
-                                                                   **kw)))[0].tolist()
+  kept = lambda **kw: np.isfinite(
+    np.asarray(sample.filter_logits(logits, 1.0, vocab_size=4, **kw))
+  )[0].tolist()
   assert kept(top_k=0) == [True] * 4
   assert kept(top_k=2) == [True, True, False, False]
   assert kept(top_k=0, top_p=0.5) == [True, False, False, False]

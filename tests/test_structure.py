@@ -1,5 +1,6 @@
 """Structure: a top-down import graph, no JAX internals, and one train-step builder
 shared by training and the benchmark."""
+
 import importlib.util
 
 import jax
@@ -25,15 +26,23 @@ def test_the_import_graph_has_no_cycles_and_imports_stay_at_the_top():
 
 
 def test_the_library_uses_no_jax_internals():
-  offenders = [str(p.relative_to(REPO)) for p in (REPO / 'lmjax').rglob('*.py')
-               if 'jax._src' in p.read_text()]
+  offenders = [
+    str(p.relative_to(REPO)) for p in (REPO / 'lmjax').rglob('*.py') if 'jax._src' in p.read_text()
+  ]
   assert offenders == []
 
 
 def test_the_benchmark_times_the_step_training_runs(corpus_dir, tmp_path):
   # Microbatches, packed rows (segment ids) and dropout: what bench.py used to drop.
-  config = tiny_config(corpus_dir, **{'train.microbatches': 2, 'data.layout': 'packed',
-                                      'model.dropout': 0.1, 'train.num_steps': 1})
+  config = tiny_config(
+    corpus_dir,
+    **{
+      'train.microbatches': 2,
+      'data.layout': 'packed',
+      'model.dropout': 0.1,
+      'train.num_steps': 1,
+    },
+  )
   run = train.setup(config, str(tmp_path / 'run'))
   bench = load_tool('bench')
   state, bench_step, _, _, mesh = bench.build(config, run.tokenizer.vocab_size)
@@ -43,8 +52,10 @@ def test_the_benchmark_times_the_step_training_runs(corpus_dir, tmp_path):
   global_batch = sharding.make_global_batch(batch, mesh)
   rng = jax.random.key(1)
   # Both start from the parameters a new run starts from.
-  np.testing.assert_array_equal(jax.device_get(jax.tree.leaves(state.params)[0]),
-                                jax.device_get(jax.tree.leaves(run.state.params)[0]))
+  np.testing.assert_array_equal(
+    jax.device_get(jax.tree.leaves(state.params)[0]),
+    jax.device_get(jax.tree.leaves(run.state.params)[0]),
+  )
   with sharding.rules_and_mesh(mesh):
     _, from_bench = bench_step(state, global_batch, rng)
     _, from_training = run.train_step(run.state, global_batch, rng)

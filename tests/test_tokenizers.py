@@ -1,4 +1,5 @@
 """Each tokenizer round-trips text, serialises losslessly and counts bytes right."""
+
 import numpy as np
 import pytest
 
@@ -38,8 +39,10 @@ def test_chars_empty_training_split_fails():
 @pytest.fixture(scope='module')
 def sentencepiece_tokenizer():
   from conftest import shakespeare_text
-  return tokenizers.SentencePieceTokenizer.train([shakespeare_text()[:300_000]], vocab_size=512,
-                                                 sample_chars=300_000)
+
+  return tokenizers.SentencePieceTokenizer.train(
+    [shakespeare_text()[:300_000]], vocab_size=512, sample_chars=300_000
+  )
 
 
 def test_sentencepiece_trains_and_round_trips(sentencepiece_tokenizer):
@@ -75,8 +78,10 @@ def test_sentencepiece_vocabulary_too_large_is_a_clear_error():
 
 def test_for_run_saves_and_reuses_the_tokenizer(tmp_path):
   import ml_collections
-  config = ml_collections.ConfigDict({'kind': 'chars', 'model_file': '', 'vocab_size': 0,
-                                      'model_type': 'bpe', 'sample_chars': 0})
+
+  config = ml_collections.ConfigDict(
+    {'kind': 'chars', 'model_file': '', 'vocab_size': 0, 'model_type': 'bpe', 'sample_chars': 0}
+  )
   calls = []
 
   def texts():
@@ -91,9 +96,11 @@ def test_for_run_saves_and_reuses_the_tokenizer(tmp_path):
     tokenizers.for_run(config, str(tmp_path), texts)
 
 
-PTB_SAMPLE = (' aer banknote berlitz calloway centrust <unk> \n'
-              ' pierre <unk> N years old will join the board as a nonexecutive director nov. N \n'
-              ' mr. <unk> is chairman of <unk> n.v. the dutch publishing group \n')
+PTB_SAMPLE = (
+  ' aer banknote berlitz calloway centrust <unk> \n'
+  ' pierre <unk> N years old will join the board as a nonexecutive director nov. N \n'
+  ' mr. <unk> is chairman of <unk> n.v. the dutch publishing group \n'
+)
 
 
 def test_words_reproduce_a_ptb_style_vocabulary_exactly():
@@ -105,8 +112,9 @@ def test_words_reproduce_a_ptb_style_vocabulary_exactly():
   ids = tokenizer.encode(PTB_SAMPLE)
   assert int((ids == tokenizer.eos_id).sum()) == 3  # one <eos> per line
   assert int((ids == tokenizer.unk_id).sum()) == PTB_SAMPLE.split().count('<unk>')
-  assert tokenizer.decode(ids).split('\n')[:3] == [' '.join(l.split()) for l in
-                                                  PTB_SAMPLE.strip('\n').split('\n')]
+  assert tokenizer.decode(ids).split('\n')[:3] == [
+    ' '.join(line.split()) for line in PTB_SAMPLE.strip('\n').split('\n')
+  ]
   assert tokenizer.vocab[2:4] == ['N', 'the']  # most frequent first, ties alphabetical
   restored = tokenizers.from_json(tokenizer.to_json())
   assert restored.fingerprint() == tokenizer.fingerprint()
@@ -120,12 +128,13 @@ def test_words_max_size_min_count_and_punctuation_split():
   assert capped.vocab == ['<eos>', '<unk>', 'the', 'cat']
   ids = capped.encode('the bird, the cat')
   assert list(ids) == [2, 1, 1, 2, 3, 0]  # bird and ',' are unknown; one line, one <eos>
-  with pytest.raises(tokenizers.TokenizerError, match="word_split must be one of"):
+  with pytest.raises(tokenizers.TokenizerError, match='word_split must be one of'):
     tokenizers.WordTokenizer([], split='spaces')
 
 
 def test_words_are_built_from_the_config(tmp_path):
   from lmjax import config as config_lib
+
   config = config_lib.base_config().tokenizer
   config.kind, config.word_split, config.min_count = 'words', 'punctuation', 2
   tokenizer = tokenizers.for_run(config, str(tmp_path), lambda: iter(['a b, a b. c\n']))

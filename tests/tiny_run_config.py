@@ -1,7 +1,8 @@
 """The tests' tiny config as a config file, for command-line runs:
 
-  python -m lmjax.train --config tests/tiny_run_config.py:CORPUS_DIR --workdir DIR
+python -m lmjax.train --config tests/tiny_run_config.py:CORPUS_DIR --workdir DIR
 """
+
 import os
 import pathlib
 import sys

@@ -17,6 +17,7 @@ runs every workload of the CPU performance table (each in its own process, so
 each splits the host as lmjax.train would) and prints one JSON line each, with
 its name and command.
 """
+
 import json
 import os
 import resource
@@ -31,35 +32,61 @@ from lmjax import config as config_lib
 
 flags.DEFINE_integer('steps', 50, 'Timed steps (after one warm-up step).')
 flags.DEFINE_integer('vocab_size', 0, 'Vocabulary size (0 = from the tokenizer kind).')
-flags.DEFINE_string('compilation_cache_dir', '', 'Persistent compilation cache to use (to time '
-                    'a warm start: run twice with the same directory); default none.')
+flags.DEFINE_string(
+  'compilation_cache_dir',
+  '',
+  'Persistent compilation cache to use (to time '
+  'a warm start: run twice with the same directory); default none.',
+)
 flags.DEFINE_enum('suite', '', ['', 'cpu'], 'Run a whole suite of workloads instead.')
 
-SUITES = {'cpu': [  # (name, arguments)
+SUITES = {
+  'cpu': [  # (name, arguments)
     ('shakespeare_char step', ['--config', 'configs/shakespeare_char.py', '--steps', '100']),
-    ('shakespeare_char step, one device per core', [
-        '--config', 'configs/shakespeare_char.py', '--steps', '100', '--config.cpu_devices=-1']),
+    (
+      'shakespeare_char step, one device per core',
+      ['--config', 'configs/shakespeare_char.py', '--steps', '100', '--config.cpu_devices=-1'],
+    ),
     ('default config step', ['--config', 'configs/default.py', '--steps', '100']),
-    ('default config step, one device per core', [
-        '--config', 'configs/default.py', '--steps', '100', '--config.cpu_devices=-1']),
-    ('transformer 6L/6H/384, context 256, batch 16', [
-        '--config', 'configs/shakespeare_char.py', '--steps', '10',
-        '--config.model.num_layers=6', '--config.model.num_heads=6',
-        '--config.model.embed_dim=384', '--config.data.seq_len=256',
-        '--config.train.batch_size=16']),
-    ('PTB-small LSTM step', ['--config', 'configs/ptb_lstm_small.py', '--vocab_size', '10000',
-                             '--steps', '50']),
+    (
+      'default config step, one device per core',
+      ['--config', 'configs/default.py', '--steps', '100', '--config.cpu_devices=-1'],
+    ),
+    (
+      'transformer 6L/6H/384, context 256, batch 16',
+      [
+        '--config',
+        'configs/shakespeare_char.py',
+        '--steps',
+        '10',
+        '--config.model.num_layers=6',
+        '--config.model.num_heads=6',
+        '--config.model.embed_dim=384',
+        '--config.data.seq_len=256',
+        '--config.train.batch_size=16',
+      ],
+    ),
+    (
+      'PTB-small LSTM step',
+      ['--config', 'configs/ptb_lstm_small.py', '--vocab_size', '10000', '--steps', '50'],
+    ),
     ('char LSTM 2x512 step', ['--config', 'configs/shakespeare_char_lstm.py', '--steps', '10']),
-    ('default config, cold compilation cache', ['--config', 'configs/default.py', '--steps', '5',
-                                                '--compilation_cache_dir', '{cache}']),
-    ('default config, warm compilation cache', ['--config', 'configs/default.py', '--steps', '5',
-                                                '--compilation_cache_dir', '{cache}']),
-]}
+    (
+      'default config, cold compilation cache',
+      ['--config', 'configs/default.py', '--steps', '5', '--compilation_cache_dir', '{cache}'],
+    ),
+    (
+      'default config, warm compilation cache',
+      ['--config', 'configs/default.py', '--steps', '5', '--compilation_cache_dir', '{cache}'],
+    ),
+  ]
+}
 
 
 def run_suite(name: str) -> None:
   """Each workload in a fresh process (the cache runs share one new directory)."""
   import tempfile
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with tempfile.TemporaryDirectory() as cache:
     for title, arguments in SUITES[name]:
@@ -70,8 +97,16 @@ def run_suite(name: str) -> None:
         print(json.dumps({'workload': title, 'error': result.stderr[-2000:]}), flush=True)
         continue
       measured = json.loads(result.stdout.strip().splitlines()[-1])
-      print(json.dumps({'workload': title, 'command': ' '.join(['python tools/bench.py'] +
-                                                               arguments), **measured}), flush=True)
+      print(
+        json.dumps(
+          {
+            'workload': title,
+            'command': ' '.join(['python tools/bench.py'] + arguments),
+            **measured,
+          }
+        ),
+        flush=True,
+      )
 
 
 def vocab_size_for(config) -> int:
@@ -87,6 +122,7 @@ def random_batch(config, vocab: int, rng):
   import numpy as np
 
   from lmjax import tasks
+
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
   batch = {}
   for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items():
@@ -95,11 +131,13 @@ def random_batch(config, vocab: int, rng):
     elif name == 'targets':  # classification: one class per row
       batch[name] = rng.integers(0, max(config.classify.num_classes, 2), shape, dtype=np.int32)
     elif name == 'segment_ids':
-      batch[name] = np.where(np.arange(seq_len) < seq_len // 2, 1, 2).astype(dtype)[None].repeat(
-          batch_size, 0)
+      batch[name] = (
+        np.where(np.arange(seq_len) < seq_len // 2, 1, 2).astype(dtype)[None].repeat(batch_size, 0)
+      )
     elif name == 'positions':
-      batch[name] = (np.arange(seq_len) % max(seq_len // 2, 1)).astype(dtype)[None].repeat(
-          batch_size, 0)
+      batch[name] = (
+        (np.arange(seq_len) % max(seq_len // 2, 1)).astype(dtype)[None].repeat(batch_size, 0)
+      )
     elif name == 'reset':
       batch[name] = np.zeros(shape, dtype)
     else:  # weights
@@ -114,12 +152,14 @@ def build(config, vocab: int):
   import jax
 
   from lmjax import finetune, models, sharding, steps, tasks, train_state
+
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(config.mesh)
   model = tasks.build_model(config, vocab)
   # An 'epochs' schedule needs the data's epoch length; any value times the same step.
-  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps,
-                                            steps_per_epoch=1000)
+  tx, schedule = train_state.make_optimizer(
+    config.optimizer, config.train.num_steps, steps_per_epoch=1000
+  )
   plan = finetune.plan_for(config, model)
   if plan is not None:
     tx = plan.wrap_optimizer(tx)
@@ -127,8 +167,9 @@ def build(config, vocab: int):
   _, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows, plan)
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # as lmjax.train
   state = train_state.create_state(model, tx, seq_len, shardings, init_rng, carry_rows, plan)
-  state, step_fn = steps.build_train_step(config, model, schedule, state, shardings, mesh, plan,
-                                          carry_rows)
+  state, step_fn = steps.build_train_step(
+    config, model, schedule, state, shardings, mesh, plan, carry_rows
+  )
   return state, step_fn, model, models.count_params(state.params), mesh
 
 
@@ -141,6 +182,7 @@ def main(argv):
   import numpy as np
 
   from lmjax import cpu_host, metrics, sharding, train
+
   config = flags.FLAGS.config
   cpu_host.prepare(config)  # as lmjax.train does
   train.enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
@@ -177,18 +219,35 @@ def main(argv):
   tokens = batch_size * seq_len
   flops = metrics.flops_per_token(model, num_params) * tokens
   peak = metrics.measure_peak_flops()
-  print(json.dumps({
-      'config': flags.FLAGS['config'].config_filename if hasattr(flags.FLAGS['config'], 'config_filename') else None,
-      'model': config.model.family, 'task': config.task, 'params': num_params,
-      'batch_size': batch_size, 'microbatches': config.train.microbatches,
-      'layout': config.data.layout, 'parallelism': config.parallelism,
-      'seq_len': seq_len, 'vocab_size': vocab, 'devices': jax.device_count(),
-      'steps': flags.FLAGS.steps, 'step_ms': 1e3 * step_s,
-      'step_ms_mean': 1e3 * statistics.mean(times), 'tokens_per_sec': tokens / step_s,
-      'compile_s': compile_s, 'model_gflops_per_sec': flops / step_s / 1e9,
-      'mfu': flops / step_s / peak, 'peak_flops': peak,
-      'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'loss': float(out['loss_sum'] / out['weight_sum'])}))
+  print(
+    json.dumps(
+      {
+        'config': flags.FLAGS['config'].config_filename
+        if hasattr(flags.FLAGS['config'], 'config_filename')
+        else None,
+        'model': config.model.family,
+        'task': config.task,
+        'params': num_params,
+        'batch_size': batch_size,
+        'microbatches': config.train.microbatches,
+        'layout': config.data.layout,
+        'parallelism': config.parallelism,
+        'seq_len': seq_len,
+        'vocab_size': vocab,
+        'devices': jax.device_count(),
+        'steps': flags.FLAGS.steps,
+        'step_ms': 1e3 * step_s,
+        'step_ms_mean': 1e3 * statistics.mean(times),
+        'tokens_per_sec': tokens / step_s,
+        'compile_s': compile_s,
+        'model_gflops_per_sec': flops / step_s / 1e9,
+        'mfu': flops / step_s / peak,
+        'peak_flops': peak,
+        'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        'loss': float(out['loss_sum'] / out['weight_sum']),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ producing training batches from it (every step), in tokens per second; and the
 ratio of the latter to the train step's consumption when `--step_ms` (from
 tools/bench.py) is given.
 """
+
 import json
 import tempfile
 import time
@@ -25,18 +26,21 @@ flags.DEFINE_float('step_ms', 0.0, 'Train step time (ms) to compare against (0 =
 def main(argv):
   del argv
   from lmjax.data import pipeline, tokenizers
+
   config = flags.FLAGS.config
   data = config.data
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    tokenizer = tokenizers.for_run(config.tokenizer, workdir,
-                                   lambda: pipeline.texts(data, data.train_split))
+    tokenizer = tokenizers.for_run(
+      config.tokenizer, workdir, lambda: pipeline.texts(data, data.train_split)
+    )
     tokenizer_s = time.perf_counter() - start
   start = time.perf_counter()
   stream = pipeline.tokenize_split(data, tokenizer, data.train_split)
   tokenize_s = time.perf_counter() - start
-  batches = pipeline.train_batches(stream, data.seq_len, config.train.batch_size, config.seed,
-                                   layout=data.layout)
+  batches = pipeline.train_batches(
+    stream, data.seq_len, config.train.batch_size, config.seed, layout=data.layout
+  )
   next(batches)  # Builds the tf.data graph.
   start = time.perf_counter()
   for _ in range(flags.FLAGS.batches):
@@ -45,11 +49,15 @@ def main(argv):
   tokens_per_batch = config.train.batch_size * data.seq_len
   batch_tokens_per_sec = flags.FLAGS.batches * tokens_per_batch / batches_s
   result = {
-      'corpus': data.name, 'tokenizer': tokenizer.kind, 'vocab_size': tokenizer.vocab_size,
-      'train_tokens': int(len(stream.tokens)), 'tokenizer_build_s': tokenizer_s,
-      'tokenize_tokens_per_sec': len(stream.tokens) / tokenize_s,
-      'batch_tokens_per_sec': batch_tokens_per_sec,
-      'batch_ms': 1e3 * batches_s / flags.FLAGS.batches}
+    'corpus': data.name,
+    'tokenizer': tokenizer.kind,
+    'vocab_size': tokenizer.vocab_size,
+    'train_tokens': int(len(stream.tokens)),
+    'tokenizer_build_s': tokenizer_s,
+    'tokenize_tokens_per_sec': len(stream.tokens) / tokenize_s,
+    'batch_tokens_per_sec': batch_tokens_per_sec,
+    'batch_ms': 1e3 * batches_s / flags.FLAGS.batches,
+  }
   if flags.FLAGS.step_ms:
     step_tokens_per_sec = tokens_per_batch / (flags.FLAGS.step_ms / 1e3)
     result['train_step_tokens_per_sec'] = step_tokens_per_sec

@@ -9,6 +9,7 @@ Times `lmjax.sample.generate` for the configured model with the key/value cache
 last context window), after a warm-up call of each (compilation excluded), and
 prints generated tokens per second for both and their ratio.
 """
+
 import json
 import time
 
@@ -19,7 +20,7 @@ from lmjax import config as config_lib
 flags.DEFINE_integer('new_tokens', 256, 'Tokens to generate.')
 flags.DEFINE_integer('batch', 1, 'Rows generated at once.')
 flags.DEFINE_integer('prompt_len', 8, 'Prompt tokens.')
-flags.DEFINE_string('workdir', '', 'Use this run\'s latest checkpoint instead of random parameters.')
+flags.DEFINE_string('workdir', '', "Use this run's latest checkpoint instead of random parameters.")
 
 
 def main(argv):
@@ -30,6 +31,7 @@ def main(argv):
   import numpy as np
 
   from lmjax import cpu_host, evaluate, models, sample
+
   cpu_host.prepare()  # as lmjax.sample does
   if flags.FLAGS.workdir:
     config, tokenizer, model, params, _, _ = evaluate.restore_for_inference(flags.FLAGS.workdir)
@@ -38,17 +40,32 @@ def main(argv):
     config = flags.FLAGS.config
     vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
     model = models.build_model(config.model, vocab, config.data.seq_len)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, config.data.seq_len),
-                                                              jnp.int32))['params'])
+    params = nn.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+    )
   prompt = np.random.default_rng(0).integers(0, vocab, flags.FLAGS.prompt_len).astype(np.int32)
-  result = {'model': config.model.family, 'layers': config.model.num_layers,
-            'width': config.model.embed_dim, 'context': config.data.seq_len,
-            'positions': config.model.positions, 'batch': flags.FLAGS.batch,
-            'new_tokens': flags.FLAGS.new_tokens, 'prompt_len': flags.FLAGS.prompt_len}
+  result = {
+    'model': config.model.family,
+    'layers': config.model.num_layers,
+    'width': config.model.embed_dim,
+    'context': config.data.seq_len,
+    'positions': config.model.positions,
+    'batch': flags.FLAGS.batch,
+    'new_tokens': flags.FLAGS.new_tokens,
+    'prompt_len': flags.FLAGS.prompt_len,
+  }
   for name, use_cache in (('cache', True), ('recompute', False)):
-    run = lambda: sample.generate(params, model, prompt, flags.FLAGS.new_tokens,
-                                  vocab_size=vocab, temperature=0.8, top_k=40,
-                                  num_samples=flags.FLAGS.batch, use_cache=use_cache)
+    run = lambda use_cache=use_cache: sample.generate(
+      params,
+      model,
+      prompt,
+      flags.FLAGS.new_tokens,
+      vocab_size=vocab,
+      temperature=0.8,
+      top_k=40,
+      num_samples=flags.FLAGS.batch,
+      use_cache=use_cache,
+    )
     run()  # compile
     start = time.perf_counter()
     run()

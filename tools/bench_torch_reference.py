@@ -14,6 +14,7 @@ embeddings, AdamW betas (0.9, 0.99) with weight decay on matrices, global-norm
 clipping 1.0), on random tokens. Prints one JSON line with the median step time,
 so lmjax's and PyTorch's numbers can be taken on the same machine, minutes apart.
 """
+
 import argparse
 import json
 import statistics
@@ -25,7 +26,6 @@ from torch.nn import functional
 
 
 class Block(nn.Module):
-
   def __init__(self, width, heads):
     super().__init__()
     self.heads = heads
@@ -47,7 +47,6 @@ class Block(nn.Module):
 
 
 class Gpt(nn.Module):
-
   def __init__(self, vocab, context, width, heads, layers):
     super().__init__()
     self.embed = nn.Embedding(vocab, width)
@@ -85,8 +84,15 @@ class Lstm(nn.Module):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  for name, default in (('layers', 4), ('heads', 4), ('width', 128), ('context', 64),
-                        ('batch', 12), ('vocab', 67), ('steps', 100)):
+  for name, default in (
+    ('layers', 4),
+    ('heads', 4),
+    ('width', 128),
+    ('context', 64),
+    ('batch', 12),
+    ('vocab', 67),
+    ('steps', 100),
+  ):
     parser.add_argument(f'--{name}', type=int, default=default)
   parser.add_argument('--model', choices=('gpt', 'lstm'), default='gpt')
   args = parser.parse_args()
@@ -99,12 +105,15 @@ def main():
     model = Gpt(args.vocab, args.context, args.width, args.heads, args.layers)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(
+      [{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
+      lr=1e-3,
+      betas=(0.9, 0.99),
+    )
     clip = 1.0
-  batches = [torch.randint(0, args.vocab, (args.batch, args.context + 1))
-             for _ in range(args.steps + 3)]
+  batches = [
+    torch.randint(0, args.vocab, (args.batch, args.context + 1)) for _ in range(args.steps + 3)
+  ]
   times = []
   for i, window in enumerate(batches):
     start = time.perf_counter()
@@ -116,11 +125,18 @@ def main():
     loss.item()  # Waits for the step, as tools/bench.py does.
     if i >= 3:
       times.append(time.perf_counter() - start)
-  print(json.dumps({'framework': f'torch {torch.__version__}', 'model': args.model,
-                    'threads': torch.get_num_threads(),
-                    'params': sum(p.numel() for p in model.parameters()),
-                    'step_ms': 1e3 * statistics.median(times),
-                    'step_ms_mean': 1e3 * statistics.mean(times)}))
+  print(
+    json.dumps(
+      {
+        'framework': f'torch {torch.__version__}',
+        'model': args.model,
+        'threads': torch.get_num_threads(),
+        'params': sum(p.numel() for p in model.parameters()),
+        'step_ms': 1e3 * statistics.median(times),
+        'step_ms_mean': 1e3 * statistics.mean(times),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

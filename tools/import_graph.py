@@ -6,6 +6,7 @@ the longest functions; prints JSON.
 An lmjax import inside a function counts as explained when its line carries a
 comment saying why (e.g. keeping TensorFlow out of a path).
 """
+
 import argparse
 import ast
 import json
@@ -51,11 +52,17 @@ def analyse(longest: int = 10) -> dict:
         for inner in ast.walk(node):
           for target in imported_modules(inner, modules):
             line = lines[inner.lineno - 1]
-            inside.append({'module': name, 'line': inner.lineno, 'imports': target,
-                           'explained': '#' in line})
-  return {'graph': graph, 'cycles': cycles(graph), 'imports_inside_functions': inside,
-          'longest_functions': [{'lines': n, 'function': f}
-                                for n, f in sorted(lengths, reverse=True)[:longest]]}
+            inside.append(
+              {'module': name, 'line': inner.lineno, 'imports': target, 'explained': '#' in line}
+            )
+  return {
+    'graph': graph,
+    'cycles': cycles(graph),
+    'imports_inside_functions': inside,
+    'longest_functions': [
+      {'lines': n, 'function': f} for n, f in sorted(lengths, reverse=True)[:longest]
+    ],
+  }
 
 
 def cycles(graph: dict) -> list[list[str]]:
@@ -67,7 +74,7 @@ def cycles(graph: dict) -> list[list[str]]:
     stack.append(node)
     for nxt in graph.get(node, []):
       if state.get(nxt) == 'open':
-        found.append(stack[stack.index(nxt):] + [nxt])
+        found.append(stack[stack.index(nxt) :] + [nxt])
       elif nxt not in state:
         visit(nxt, stack)
     stack.pop()

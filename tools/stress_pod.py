@@ -8,6 +8,7 @@ A run counts as `hung` if lmjax's watchdog ended it (`made no progress`), or if
 it was still running after --kill_after seconds (then it is killed: a hang that
 nothing bounded); `ok` if it exited 0; `failed` otherwise.
 """
+
 import argparse
 import json
 import os
@@ -21,17 +22,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one_run(workdir: str, args) -> dict:
-  command = [sys.executable, os.path.join(REPO, 'launch', 'local_pod'), '--processes',
-             str(args.processes), '--devices_per_process', str(args.devices_per_process), '--',
-             '--config', os.path.join(REPO, 'configs', 'default.py'), '--workdir', workdir,
-             f'--config.train.num_steps={args.steps}', f'--config.train.eval_every={args.steps // 2}',
-             '--config.sample.max_new_tokens=20']
+  command = [
+    sys.executable,
+    os.path.join(REPO, 'launch', 'local_pod'),
+    '--processes',
+    str(args.processes),
+    '--devices_per_process',
+    str(args.devices_per_process),
+    '--',
+    '--config',
+    os.path.join(REPO, 'configs', 'default.py'),
+    '--workdir',
+    workdir,
+    f'--config.train.num_steps={args.steps}',
+    f'--config.train.eval_every={args.steps // 2}',
+    '--config.sample.max_new_tokens=20',
+  ]
   if args.phase_timeout_s > 0:  # (0: a checkout from before the watchdog)
     command.append(f'--config.train.phase_timeout_s={args.phase_timeout_s}')
   start = time.monotonic()
-  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True,
-                             env={**os.environ, 'PYTHON': sys.executable})
+  process = subprocess.Popen(
+    command,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+    env={**os.environ, 'PYTHON': sys.executable},
+  )
   try:
     output, _ = process.communicate(timeout=args.kill_after)
     killed = False
@@ -45,8 +62,13 @@ def one_run(workdir: str, args) -> dict:
     state = 'hung'
   else:
     state = 'ok' if process.returncode == 0 else 'failed'
-  return {'state': state, 'returncode': process.returncode, 'seconds': round(seconds, 1),
-          'killed': killed, 'last_line': lines[-1][:200] if lines else ''}
+  return {
+    'state': state,
+    'returncode': process.returncode,
+    'seconds': round(seconds, 1),
+    'killed': killed,
+    'last_line': lines[-1][:200] if lines else '',
+  }
 
 
 def main() -> None:
@@ -64,9 +86,17 @@ def main() -> None:
       result = one_run(os.path.join(root, f'run{index}'), args)
       counts[result['state']] += 1
       print(json.dumps({'run': index, **result}), flush=True)
-  print(json.dumps({'runs': args.runs, **counts, 'hang_rate': counts['hung'] / args.runs,
-                    'processes': args.processes,
-                    'devices_per_process': args.devices_per_process}))
+  print(
+    json.dumps(
+      {
+        'runs': args.runs,
+        **counts,
+        'hang_rate': counts['hung'] / args.runs,
+        'processes': args.processes,
+        'devices_per_process': args.devices_per_process,
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ runs the same command; lmjax joins them through jax.distributed automatically.
   python launch/tpu.py run --name lm32 --zone us-central2-b --watch -- \
       --config configs/tpu/v4_32.py --workdir gs://YOUR_BUCKET/runs/v4_32
 """
+
 import os
 
 from lmjax import config as config_lib

@@ -5,6 +5,7 @@
 
 lm1b must be prepared in TFDS_DATA_DIR (gs://YOUR_BUCKET/tensorflow_datasets).
 """
+
 import os
 
 from lmjax import config as config_lib

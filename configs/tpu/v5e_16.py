@@ -1,7 +1,8 @@
 """A Cloud TPU v5e-16 slice (v5litepod-16: 4 hosts x 4 chips), data x fsdp.
 
-  python launch/tpu.py create --name lm5e --zone us-west4-a --accelerator v5litepod-16 --spot
+python launch/tpu.py create --name lm5e --zone us-west4-a --accelerator v5litepod-16 --spot
 """
+
 import os
 
 from lmjax import config as config_lib

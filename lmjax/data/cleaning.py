@@ -1,6 +1,7 @@
 """Text cleaning from `config.data.clean`, applied identically to training text,
 evaluation text and sampling prompts (so a model never sees text cleaned
 differently from what it was trained on)."""
+
 import re
 import unicodedata
 

@@ -7,6 +7,7 @@ Three sources, one interface (`documents(data_config, split)`):
     tfds data_dir and, when given `manual_dir`, built offline from local files;
   * `files`: the user's own UTF-8 text files by glob, one document per file.
 """
+
 import glob
 import hashlib
 import os
@@ -19,6 +20,7 @@ try:  # tfds 4.9 imports importlib_resources without declaring it (Python >= 3.9
 except ImportError:  # pragma: no cover - the dependency is declared in pyproject.
   import importlib.resources
   import importlib.resources.abc  # noqa: F401
+
   sys.modules['importlib_resources'] = importlib.resources
 
 import tensorflow as tf
@@ -39,9 +41,21 @@ class CorpusError(ValueError):
 # ----------------------------------------------------------------------------
 # The embedded corpus.
 
-_STDLIB_SKIP_DIRS = frozenset({
-    '__pycache__', 'site-packages', 'dist-packages', 'test', 'tests', 'idlelib',
-    'lib2to3', 'turtledemo', 'ensurepip', 'pydoc_data', 'tkinter'})
+_STDLIB_SKIP_DIRS = frozenset(
+  {
+    '__pycache__',
+    'site-packages',
+    'dist-packages',
+    'test',
+    'tests',
+    'idlelib',
+    'lib2to3',
+    'turtledemo',
+    'ensurepip',
+    'pydoc_data',
+    'tkinter',
+  }
+)
 _SPLIT_FRACTIONS = (('validation', 0.05), ('test', 0.05))  # The rest is train.
 
 
@@ -60,8 +74,9 @@ def stdlib_sources() -> list[tuple[str, str]]:
   root = sysconfig.get_paths()['stdlib']
   found = []
   for directory, subdirs, files in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs
-                        if d not in _STDLIB_SKIP_DIRS and not d.startswith('config-'))
+    subdirs[:] = sorted(
+      d for d in subdirs if d not in _STDLIB_SKIP_DIRS and not d.startswith('config-')
+    )
     for name in sorted(files):
       if name.endswith('.py'):
         path = os.path.join(directory, name)
@@ -80,18 +95,22 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   # One config per Python version: each has its own standard library.
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(
       name=f'py{sys.version_info.major}{sys.version_info.minor}',
-      description=f'Standard library of Python {sys.version_info.major}.'
-                  f'{sys.version_info.minor}')]
+      description=f'Standard library of Python {sys.version_info.major}.{sys.version_info.minor}',
+    )
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'text': tfds.features.Text(),
-            'path': tfds.features.Text(),
-        }),
-        homepage='https://docs.python.org/3/library/',
+      features=tfds.features.FeaturesDict(
+        {
+          'text': tfds.features.Text(),
+          'path': tfds.features.Text(),
+        }
+      ),
+      homepage='https://docs.python.org/3/library/',
     )
 
   def _split_generators(self, dl_manager):
@@ -116,32 +135,45 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
 # ----------------------------------------------------------------------------
 # Named tfds corpora.
 
+
 def _prepare(builder, data_config) -> None:
   """Builds a tfds corpus: from data.manual_dir if given, else by downloading."""
   name, manual_dir = data_config.name, data_config.manual_dir
-  how_to = ('Prepare it on a machine with network access and copy the tfds data_dir, or put '
-            'its source files in a directory and pass --config.data.manual_dir=DIR.')
+  how_to = (
+    'Prepare it on a machine with network access and copy the tfds data_dir, or put '
+    'its source files in a directory and pass --config.data.manual_dir=DIR.'
+  )
   if manual_dir and not os.path.isdir(manual_dir):
-    raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
-                      f'data.manual_dir={manual_dir!r} is not a directory. {how_to}')
+    raise CorpusError(
+      f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+      f'data.manual_dir={manual_dir!r} is not a directory. {how_to}'
+    )
   if not manual_dir and not data_config.download and not isinstance(builder, PythonStdlib):
-    raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
-                      f'data.download is False. {how_to}')
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None,
-                                                 try_download_gcs=False)
+    raise CorpusError(
+      f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+      f'data.download is False. {how_to}'
+    )
+  download_config = tfds.download.DownloadConfig(
+    manual_dir=manual_dir or None, try_download_gcs=False
+  )
   # Processes of one job (or two runs) that find the corpus unprepared would
   # each build it and race on tfds's final rename: one builds, the others wait
   # and then read what it built.
-  with locks.Lock(os.path.dirname(builder.data_dir), '.lmjax-prepare.lock',
-                  f'the build of tfds corpus {name!r}', wait=True):
+  with locks.Lock(
+    os.path.dirname(builder.data_dir),
+    '.lmjax-prepare.lock',
+    f'the build of tfds corpus {name!r}',
+    wait=True,
+  ):
     if builder.is_prepared():
       return
     try:
       builder.download_and_prepare(download_config=download_config)
     except Exception as error:  # tfds raises many kinds; say what to do.
-      raise CorpusError(f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
-                        f'could not be built ({type(error).__name__}: {error}). {how_to}'
-                        ) from error
+      raise CorpusError(
+        f'tfds corpus {name!r} is not prepared in {builder.data_dir!r} and '
+        f'could not be built ({type(error).__name__}: {error}). {how_to}'
+      ) from error
 
 
 def tfds_examples(data_config, split: str, keys) -> tuple[tf.data.Dataset, Any]:
@@ -154,22 +186,27 @@ def tfds_examples(data_config, split: str, keys) -> tuple[tf.data.Dataset, Any]:
   features = builder.info.features
   for key in keys:
     if key not in features:
-      raise CorpusError(f'tfds corpus {data_config.name!r} has no feature {key!r}; its '
-                        f'features: {", ".join(features)}')
-  dataset = tfds.load(data_config.name, split=split, data_dir=data_dir, download=False,
-                      shuffle_files=False)
+      raise CorpusError(
+        f'tfds corpus {data_config.name!r} has no feature {key!r}; its '
+        f'features: {", ".join(features)}'
+      )
+  dataset = tfds.load(
+    data_config.name, split=split, data_dir=data_dir, download=False, shuffle_files=False
+  )
   return dataset, features
 
 
 def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
   key = data_config.text_key
   dataset, _ = tfds_examples(data_config, split, [key])
-  return dataset.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE,
-                     deterministic=True)
+  return dataset.map(
+    lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
 
 
 # ----------------------------------------------------------------------------
 # Local files.
+
 
 def check_text_file(path: str, invalid_utf8: str = 'error') -> None:
   """Raises CorpusError if `path` is empty, binary, or (unless invalid_utf8 is
@@ -186,13 +223,16 @@ def check_text_file(path: str, invalid_utf8: str = 'error') -> None:
   try:
     raw.decode('utf-8')
   except UnicodeDecodeError as error:
-    raise CorpusError(f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason}); '
-                      "--config.data.invalid_utf8=replace reads it anyway") from None
+    raise CorpusError(
+      f'{path}: not valid UTF-8 (byte offset {error.start}: {error.reason}); '
+      '--config.data.invalid_utf8=replace reads it anyway'
+    ) from None
 
 
 def _glob(pattern: str, what: str) -> list[str]:
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
+  paths = sorted(
+    p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+  )
   if not paths:
     raise CorpusError(f'{what}={pattern!r} matched no file')
   return paths
@@ -220,18 +260,23 @@ def split_plan(data_config) -> dict:
   taken = {p for paths in own.values() if paths for p in paths}
   train = [p for p in _glob(data_config.files, 'data.files') if p not in taken]
   if not train:
-    raise CorpusError(f'data.files={data_config.files!r} matched only files that other '
-                      'splits take')
-  fractions = {split: (0.0 if own[split] else float(data_config[f'{split}_fraction']))
-               for split in ('validation', 'test')}
-  plan = {split: [(p, 0.0, 1.0) for p in own[split]] if own[split] else []
-          for split in ('validation', 'test')}
+    raise CorpusError(f'data.files={data_config.files!r} matched only files that other splits take')
+  fractions = {
+    split: (0.0 if own[split] else float(data_config[f'{split}_fraction']))
+    for split in ('validation', 'test')
+  }
+  plan = {
+    split: [(p, 0.0, 1.0) for p in own[split]] if own[split] else []
+    for split in ('validation', 'test')
+  }
   if len(train) == 1 and any(fractions.values()):
     validation_start = 1.0 - fractions['validation'] - fractions['test']
     test_start = 1.0 - fractions['test']
     plan['train'] = [(train[0], 0.0, validation_start)]
-    for split, start, end in (('validation', validation_start, test_start),
-                              ('test', test_start, 1.0)):
+    for split, start, end in (
+      ('validation', validation_start, test_start),
+      ('test', test_start, 1.0),
+    ):
       if fractions[split]:
         plan[split] = [(train[0], start, end)]
   else:
@@ -243,16 +288,18 @@ def split_plan(data_config) -> dict:
       if fractions[split]:
         chosen = [p for p in train if low <= buckets[p] < high]
         if not chosen:  # A requested split always gets a file.
-          chosen = [min((p for p in train if buckets[p] >= low), key=buckets.get,
-                        default=train[-1])]
+          chosen = [
+            min((p for p in train if buckets[p] >= low), key=buckets.get, default=train[-1])
+          ]
         plan[split] = [(p, 0.0, 1.0) for p in chosen]
       low = high
-    held_out = {p for split in ('validation', 'test') if not own[split]
-                for p, _, _ in plan[split]}
+    held_out = {p for split in ('validation', 'test') if not own[split] for p, _, _ in plan[split]}
     plan['train'] = [(p, 0.0, 1.0) for p in train if p not in held_out]
     if not plan['train']:
-      raise CorpusError(f'data.files={data_config.files!r}: every file went to validation or '
-                        'test; add files or lower data.validation_fraction/test_fraction')
+      raise CorpusError(
+        f'data.files={data_config.files!r}: every file went to validation or '
+        'test; add files or lower data.validation_fraction/test_fraction'
+      )
   return plan
 
 
@@ -261,12 +308,14 @@ def checked_parts(data_config, split: str) -> list[tuple[str, float, float]]:
   if split not in LOCAL_SPLITS:
     raise CorpusError(f'local corpora have splits {", ".join(LOCAL_SPLITS)}; got {split!r}')
   if data_config.invalid_utf8 not in ('error', 'replace'):
-    raise CorpusError("data.invalid_utf8 must be 'error' or 'replace', got "
-                      f'{data_config.invalid_utf8!r}')
+    raise CorpusError(
+      f"data.invalid_utf8 must be 'error' or 'replace', got {data_config.invalid_utf8!r}"
+    )
   parts = split_plan(data_config)[split]
   if not parts:
-    raise CorpusError(f"the local corpus has no {split!r} split: set data.{split}_files or "
-                      f'data.{split}_fraction')
+    raise CorpusError(
+      f'the local corpus has no {split!r} split: set data.{split}_files or data.{split}_fraction'
+    )
   for path in dict.fromkeys(p for p, _, _ in parts):
     check_text_file(path, data_config.invalid_utf8)
   return parts
@@ -298,13 +347,13 @@ def _files_documents(data_config, split: str) -> tf.data.Dataset:
 
   def read(path, start, end):
     def cut(raw: bytes, start: float, end: float) -> bytes:
-      return raw[_line_cut(raw, float(start)):_line_cut(raw, float(end))]
+      return raw[_line_cut(raw, float(start)) : _line_cut(raw, float(end))]
+
     text = tf.numpy_function(cut, [tf.io.read_file(path), start, end], tf.string, stateful=False)
     return tf.reshape(text, [])
 
   paths, starts, ends = zip(*parts)
-  return tf.data.Dataset.from_tensor_slices(
-      (list(paths), list(starts), list(ends))).map(read)
+  return tf.data.Dataset.from_tensor_slices((list(paths), list(starts), list(ends))).map(read)
 
 
 DOCUMENT_UNITS = {'': None, 'paragraphs': '\n\n', 'lines': '\n'}
@@ -317,8 +366,9 @@ def documents(data_config, split: str) -> tf.data.Dataset:
   paragraphs (blank-line separated) or lines; separators are dropped.
   """
   if data_config.documents not in DOCUMENT_UNITS:
-    raise CorpusError(f'data.documents must be one of {sorted(DOCUMENT_UNITS)}; got '
-                      f'{data_config.documents!r}')
+    raise CorpusError(
+      f'data.documents must be one of {sorted(DOCUMENT_UNITS)}; got {data_config.documents!r}'
+    )
   if data_config.name == 'files':
     dataset = _files_documents(data_config, split)
   else:
@@ -326,5 +376,6 @@ def documents(data_config, split: str) -> tf.data.Dataset:
   separator = DOCUMENT_UNITS[data_config.documents]
   if separator:
     dataset = dataset.flat_map(
-        lambda text: tf.data.Dataset.from_tensor_slices(tf.strings.split(text, separator)))
+      lambda text: tf.data.Dataset.from_tensor_slices(tf.strings.split(text, separator))
+    )
   return dataset

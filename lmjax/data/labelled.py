@@ -8,6 +8,7 @@ do), holds the text's first `seq_len - 1` tokens and is padded on the right;
 integers as given, or text labels mapped by `classify.label_names` (sorted
 training labels when empty; the run's config records them).
 """
+
 import csv
 import dataclasses
 import json
@@ -15,8 +16,7 @@ import os
 
 import numpy as np
 
-from lmjax.data import cleaning
-from lmjax.data import corpora
+from lmjax.data import cleaning, corpora
 
 FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 
@@ -25,6 +25,7 @@ FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 class LabelledSplit:
   """One split as rows: inputs, positions, segment_ids [n, seq_len] (int32),
   targets (the labels) [n] int32 and weights [n] float32."""
+
   rows: dict
   num_classes: int
 
@@ -60,9 +61,11 @@ def _read_file(path: str, text_key: str, label_key: str) -> list[tuple[str, obje
 def _pick(record, text_key: str, label_key: str, where: str):
   missing = [k for k in (text_key, label_key) if k not in record]
   if missing:
-    raise corpora.CorpusError(f'{where}: no {" or ".join(map(repr, missing))} field (it has '
-                              f'{", ".join(map(repr, record))}); set data.text_key and '
-                              'classify.label_key')
+    raise corpora.CorpusError(
+      f'{where}: no {" or ".join(map(repr, missing))} field (it has '
+      f'{", ".join(map(repr, record))}); set data.text_key and '
+      'classify.label_key'
+    )
   return str(record[text_key]), record[label_key]
 
 
@@ -83,8 +86,12 @@ def _tfds_examples(data_config, classify_config, split: str):
   examples = []
   for example in dataset.as_numpy_iterator():
     label = example[label_key]
-    examples.append((example[text_key].decode('utf-8', errors='replace'),
-                     label.decode('utf-8') if isinstance(label, bytes) else int(label)))
+    examples.append(
+      (
+        example[text_key].decode('utf-8', errors='replace'),
+        label.decode('utf-8') if isinstance(label, bytes) else int(label),
+      )
+    )
   names = getattr(features[label_key], 'names', None)
   return examples, names
 
@@ -125,19 +132,23 @@ def _is_int(label) -> bool:
 def label_ids(raw_labels, names: list[str], num_classes: int, split: str) -> np.ndarray:
   if names:
     index = {name: i for i, name in enumerate(names)}
-    unknown = sorted({str(label) for label in raw_labels
-                      if str(label) not in index and not _is_int(label)})
+    unknown = sorted(
+      {str(label) for label in raw_labels if str(label) not in index and not _is_int(label)}
+    )
     if unknown:
-      raise corpora.CorpusError(f'split {split!r} has labels {unknown[:10]} that are not in '
-                                f'classify.label_names {names}')
+      raise corpora.CorpusError(
+        f'split {split!r} has labels {unknown[:10]} that are not in classify.label_names {names}'
+      )
     ids = [index[str(label)] if str(label) in index else int(str(label)) for label in raw_labels]
   else:
     ids = [int(str(label)) for label in raw_labels]
   ids = np.asarray(ids, np.int32)
   bad = ids[(ids < 0) | (ids >= num_classes)]
   if len(bad):
-    raise corpora.CorpusError(f'split {split!r} has label {int(bad[0])}, outside the '
-                              f'{num_classes} classes 0..{num_classes - 1} (classify.num_classes)')
+    raise corpora.CorpusError(
+      f'split {split!r} has label {int(bad[0])}, outside the '
+      f'{num_classes} classes 0..{num_classes - 1} (classify.num_classes)'
+    )
   return ids
 
 
@@ -147,14 +158,19 @@ def encode(texts, labels: np.ndarray, tokenizer, seq_len: int, num_classes: int)
   inputs = np.zeros((rows, seq_len), np.int32)
   segment_ids = np.zeros((rows, seq_len), np.int32)
   for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
-    ids = np.concatenate([[tokenizer.eos_id], np.asarray(ids, np.int32)[:seq_len - 1]])
-    inputs[i, :len(ids)] = ids
-    segment_ids[i, :len(ids)] = 1
-  return LabelledSplit(rows={
-      'inputs': inputs, 'segment_ids': segment_ids,
+    ids = np.concatenate([[tokenizer.eos_id], np.asarray(ids, np.int32)[: seq_len - 1]])
+    inputs[i, : len(ids)] = ids
+    segment_ids[i, : len(ids)] = 1
+  return LabelledSplit(
+    rows={
+      'inputs': inputs,
+      'segment_ids': segment_ids,
       'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-      'targets': labels.astype(np.int32), 'weights': np.ones(rows, np.float32)},
-      num_classes=num_classes)
+      'targets': labels.astype(np.int32),
+      'weights': np.ones(rows, np.float32),
+    },
+    num_classes=num_classes,
+  )
 
 
 def load(data_config, classify_config, tokenizer, seq_len: int, splits) -> dict:
@@ -166,16 +182,20 @@ def load(data_config, classify_config, tokenizer, seq_len: int, splits) -> dict:
   if names and not classify_config.label_names:
     classify_config.label_names = ','.join(names)
   if not classify_config.num_classes:
-    classify_config.num_classes = len(names) if names else int(
-        max(int(str(label)) for label in raw)) + 1
+    classify_config.num_classes = (
+      len(names) if names else int(max(int(str(label)) for label in raw)) + 1
+    )
   num_classes = classify_config.num_classes
   if num_classes < 2:
-    raise corpora.CorpusError(f'the training split of {data_config.name!r} has a single class; '
-                              'classification needs at least 2 (classify.num_classes)')
+    raise corpora.CorpusError(
+      f'the training split of {data_config.name!r} has a single class; '
+      'classification needs at least 2 (classify.num_classes)'
+    )
   result = {}
   for split in splits:
     if split != splits[0]:
       texts, raw, _ = read_split(data_config, classify_config, split)
-    result[split] = encode(texts, label_ids(raw, names, num_classes, split), tokenizer, seq_len,
-                           num_classes)
+    result[split] = encode(
+      texts, label_ids(raw, names, num_classes, split), tokenizer, seq_len, num_classes
+    )
   return result

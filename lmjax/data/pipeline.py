@@ -23,14 +23,14 @@ an uninterrupted run reads at steps k, k+1, ..., with no iterator state to
 save and no replay of the k earlier batches; the checkpoint's step *is* the
 pipeline's position. Each process keeps only its rows of every global batch.
 """
+
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from lmjax.data import cleaning
-from lmjax.data import corpora
+from lmjax.data import cleaning, corpora
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
 LAYOUTS = ('windows', 'packed', 'stream')
@@ -40,6 +40,7 @@ _OPEN_ROWS = 64  # Rows that packing keeps open for later, shorter documents.
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
   """One split as a single token stream."""
+
   tokens: np.ndarray  # [num_tokens] int32
   num_documents: int
   num_bytes: int  # UTF-8 bytes of the text the tokens encode.
@@ -93,9 +94,13 @@ def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
   if num_documents == 0:
     raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no text')
   tokens = np.concatenate(pieces).astype(np.int32)
-  return TokenStream(tokens=tokens, num_documents=num_documents, num_bytes=num_bytes,
-                     doc_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                     eos_id=int(tokenizer.eos_id))
+  return TokenStream(
+    tokens=tokens,
+    num_documents=num_documents,
+    num_bytes=num_bytes,
+    doc_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    eos_id=int(tokenizer.eos_id),
+  )
 
 
 def pack(stream: TokenStream, seq_len: int) -> dict:
@@ -154,15 +159,20 @@ def pack(stream: TokenStream, seq_len: int) -> dict:
   inputs[target] = np.where(doc_start, stream.eos_id, stream.tokens[np.maximum(source - 1, 0)])
   segment_ids[target] = np.repeat(piece_segment, piece_len)
   positions[target] = within
-  return {'inputs': inputs.reshape(shape), 'targets': targets.reshape(shape),
-          'segment_ids': segment_ids.reshape(shape), 'positions': positions.reshape(shape),
-          'weights': (segment_ids > 0).astype(np.float32).reshape(shape)}
+  return {
+    'inputs': inputs.reshape(shape),
+    'targets': targets.reshape(shape),
+    'segment_ids': segment_ids.reshape(shape),
+    'positions': positions.reshape(shape),
+    'weights': (segment_ids > 0).astype(np.float32).reshape(shape),
+  }
 
 
 def _local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
   if global_batch % process_count:
-    raise ValueError(f'global batch {global_batch} does not divide evenly over '
-                     f'{process_count} processes')
+    raise ValueError(
+      f'global batch {global_batch} does not divide evenly over {process_count} processes'
+    )
   per_process = global_batch // process_count
   return slice(process_index * per_process, (process_index + 1) * per_process)
 
@@ -172,8 +182,9 @@ def windows_per_epoch(num_tokens: int, seq_len: int) -> int:
   return max(0, (num_tokens - 1 - seq_len) // seq_len)
 
 
-def steps_per_epoch(stream: TokenStream, seq_len: int, global_batch: int,
-                    layout: str = 'windows') -> int:
+def steps_per_epoch(
+  stream: TokenStream, seq_len: int, global_batch: int, layout: str = 'windows'
+) -> int:
   """Training steps in one pass over the split (0 = less than one batch)."""
   check_layout(layout)
   if layout == 'windows':
@@ -183,8 +194,9 @@ def steps_per_epoch(stream: TokenStream, seq_len: int, global_batch: int,
   return (len(stream.tokens) - 1) // global_batch // seq_len
 
 
-def require_steps_per_epoch(stream: TokenStream, seq_len: int, global_batch: int,
-                            layout: str = 'windows') -> int:
+def require_steps_per_epoch(
+  stream: TokenStream, seq_len: int, global_batch: int, layout: str = 'windows'
+) -> int:
   """`steps_per_epoch`, or a CorpusError saying how much data one batch needs."""
   per_epoch = steps_per_epoch(stream, seq_len, global_batch, layout)
   if per_epoch == 0:
@@ -201,12 +213,14 @@ def _too_small(stream: TokenStream, seq_len: int, global_batch: int, layout: str
   if layout == 'packed':
     rows = len(stream.packed(seq_len)['inputs'])
     return corpora.CorpusError(
-        f'the training split has {len(stream.tokens)} tokens in {stream.num_documents} '
-        f'documents, which pack into {rows} rows of {seq_len}; one batch needs {global_batch} rows')
+      f'the training split has {len(stream.tokens)} tokens in {stream.num_documents} '
+      f'documents, which pack into {rows} rows of {seq_len}; one batch needs {global_batch} rows'
+    )
   needed = (global_batch + 1) * seq_len + 1 if layout == 'windows' else global_batch * seq_len + 1
   return corpora.CorpusError(
-      f'the training split has {len(stream.tokens)} tokens; one batch of {global_batch} x '
-      f'{seq_len} needs at least {needed} (layout {layout!r})')
+    f'the training split has {len(stream.tokens)} tokens; one batch of {global_batch} x '
+    f'{seq_len} needs at least {needed} (layout {layout!r})'
+  )
 
 
 def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -228,6 +242,7 @@ class Masking:
   and is the only kind of position with a loss. The draws are a function of
   (seed, step) over the global batch, so they are deterministic, resume
   exactly and do not depend on the number of processes."""
+
   mask_id: int
   vocab_size: int  # random replacements are drawn from [0, vocab_size)
   rate: float = 0.15
@@ -238,8 +253,10 @@ class Masking:
   def from_config(cls, mlm_config, mask_id: int, vocab_size: int) -> 'Masking':
     fractions = (mlm_config.mask_fraction, mlm_config.random_fraction)
     if not 0 < mlm_config.mask_rate <= 1 or min(fractions) < 0 or sum(fractions) > 1:
-      raise ValueError(f'mlm: need 0 < mask_rate <= 1 and mask_fraction + random_fraction <= 1; '
-                       f'got {mlm_config.mask_rate}, {fractions[0]}, {fractions[1]}')
+      raise ValueError(
+        f'mlm: need 0 < mask_rate <= 1 and mask_fraction + random_fraction <= 1; '
+        f'got {mlm_config.mask_rate}, {fractions[0]}, {fractions[1]}'
+      )
     return cls(mask_id, vocab_size, mlm_config.mask_rate, *fractions)
 
   def apply(self, batch: dict, seed, rows: slice, global_batch: int) -> dict:
@@ -248,25 +265,43 @@ class Masking:
     tokens = tf.convert_to_tensor(batch['inputs'])
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
     shape = [global_batch, tokens.shape[1]]
-    draw = tf.random.stateless_uniform([2] + shape, seed=seed)[:, rows.start:rows.stop]
-    random_tokens = tf.random.stateless_uniform(shape, seed=seed + [0, 1 << 40], minval=0,
-                                                maxval=self.vocab_size, dtype=tf.int32)
-    random_tokens = tf.cast(random_tokens[rows.start:rows.stop], tokens.dtype)
+    draw = tf.random.stateless_uniform([2] + shape, seed=seed)[:, rows.start : rows.stop]
+    random_tokens = tf.random.stateless_uniform(
+      shape, seed=seed + [0, 1 << 40], minval=0, maxval=self.vocab_size, dtype=tf.int32
+    )
+    random_tokens = tf.cast(random_tokens[rows.start : rows.stop], tokens.dtype)
     # Real tokens: packed rows mark padding with segment 0, windows with weight 0.
-    present = tf.convert_to_tensor(batch['segment_ids'] if 'segment_ids' in batch
-                                   else batch['weights']) > 0
+    present = (
+      tf.convert_to_tensor(batch['segment_ids'] if 'segment_ids' in batch else batch['weights']) > 0
+    )
     chosen = (draw[0] < self.rate) & present
-    masked = tf.where(chosen & (draw[1] < self.mask_fraction), tf.cast(self.mask_id, tokens.dtype),
-                      tokens)
-    replaced = chosen & (draw[1] >= self.mask_fraction) & (
-        draw[1] < self.mask_fraction + self.random_fraction)
-    return {**batch, 'inputs': tf.where(replaced, random_tokens, masked), 'targets': tokens,
-            'weights': tf.cast(chosen, tf.float32)}
+    masked = tf.where(
+      chosen & (draw[1] < self.mask_fraction), tf.cast(self.mask_id, tokens.dtype), tokens
+    )
+    replaced = (
+      chosen
+      & (draw[1] >= self.mask_fraction)
+      & (draw[1] < self.mask_fraction + self.random_fraction)
+    )
+    return {
+      **batch,
+      'inputs': tf.where(replaced, random_tokens, masked),
+      'targets': tokens,
+      'weights': tf.cast(chosen, tf.float32),
+    }
 
 
-def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: int,
-                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  layout: str = 'windows', masking: Masking | None = None) -> Iterator[dict]:
+def train_batches(
+  stream: TokenStream,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  layout: str = 'windows',
+  masking: Masking | None = None,
+) -> Iterator[dict]:
   """Infinite training batches from `start_step` on: this process' rows.
 
   Yields dicts of numpy arrays [rows, seq_len]: inputs, targets (int32) and
@@ -281,8 +316,9 @@ def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: in
       raise ValueError("the masked-LM objective reads 'windows' or 'packed' rows, not 'stream'")
     return _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch)
   if layout == 'packed':
-    return row_batches(stream.packed(seq_len), global_batch, seed, start_step, process_index,
-                       process_count, masking)
+    return row_batches(
+      stream.packed(seq_len), global_batch, seed, start_step, process_index, process_count, masking
+    )
   count = windows_per_epoch(len(stream.tokens), seq_len)
   tokens = tf.constant(stream.tokens)
 
@@ -292,55 +328,76 @@ def train_batches(stream: TokenStream, seq_len: int, global_batch: int, seed: in
     return tf.data.Dataset.from_tensor_slices(order * seq_len + offset)
 
   def gather(starts):
-    index = starts[rows.start:rows.stop, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
+    index = starts[rows.start : rows.stop, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
     window = tf.gather(tokens, index)
-    return {'inputs': window[:, :-1], 'targets': window[:, 1:],
-            'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32)}
+    return {
+      'inputs': window[:, :-1],
+      'targets': window[:, 1:],
+      'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32),
+    }
 
   return _epochs(examples_of_epoch, count, gather, global_batch, seed, start_step, rows, masking)
 
 
 def _epoch_order(seed: int, epoch, count: int):
   epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-  order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
-                                                   seed=epoch_seed)
+  order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=epoch_seed)
   return order, epoch_seed
 
 
-def _epochs(examples_of_epoch, count: int, gather, global_batch: int, seed: int,
-            start_step: int, rows: slice, masking: Masking | None):
+def _epochs(
+  examples_of_epoch,
+  count: int,
+  gather,
+  global_batch: int,
+  seed: int,
+  start_step: int,
+  rows: slice,
+  masking: Masking | None,
+):
   """Batches of `global_batch` examples (epoch after epoch, each in its own order)
   from `start_step` on, gathered (this process' rows) and optionally masked."""
   first_epoch, skip = divmod(start_step * global_batch, count)
-  dataset = (tf.data.Dataset.range(first_epoch, 2**62)
-             .flat_map(examples_of_epoch)
-             .skip(skip)
-             .batch(global_batch, drop_remainder=True)
-             .map(gather, num_parallel_calls=1))
+  dataset = (
+    tf.data.Dataset.range(first_epoch, 2**62)
+    .flat_map(examples_of_epoch)
+    .skip(skip)
+    .batch(global_batch, drop_remainder=True)
+    .map(gather, num_parallel_calls=1)
+  )
   if masking is not None:
     dataset = tf.data.Dataset.zip(tf.data.Dataset.range(start_step, 2**62), dataset).map(
-        lambda step, batch: masking.apply(batch, tf.stack([tf.constant(seed, tf.int64), step]),
-                                          rows, global_batch))
+      lambda step, batch: masking.apply(
+        batch, tf.stack([tf.constant(seed, tf.int64), step]), rows, global_batch
+      )
+    )
   return _deterministic(dataset).as_numpy_iterator()
 
 
-def row_batches(examples: dict, global_batch: int, seed: int, start_step: int = 0,
-                process_index: int = 0, process_count: int = 1,
-                masking: Masking | None = None) -> Iterator[dict]:
+def row_batches(
+  examples: dict,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  masking: Masking | None = None,
+) -> Iterator[dict]:
   """Infinite batches of whole rows of `examples` (arrays with a leading example
   axis: packed rows, labelled texts), shuffled per epoch, from `start_step` on."""
   rows = _local_rows(global_batch, process_index, process_count)
   count = len(next(iter(examples.values())))
   if count < global_batch:
-    raise corpora.CorpusError(f'the training split has {count} examples; one batch needs '
-                              f'{global_batch}')
+    raise corpora.CorpusError(
+      f'the training split has {count} examples; one batch needs {global_batch}'
+    )
   constants = {k: tf.constant(v) for k, v in examples.items()}
 
   def examples_of_epoch(epoch):
     return tf.data.Dataset.from_tensor_slices(_epoch_order(seed, epoch, count)[0])
 
   def gather(ids):
-    return {k: tf.gather(v, ids[rows.start:rows.stop]) for k, v in constants.items()}
+    return {k: tf.gather(v, ids[rows.start : rows.stop]) for k, v in constants.items()}
 
   return _epochs(examples_of_epoch, count, gather, global_batch, seed, start_step, rows, masking)
 
@@ -355,18 +412,28 @@ def _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch):
     position = step % per_epoch
     window = tf.gather(tokens, row_starts[:, None] + position * seq_len + span[None, :])
     num_rows = rows.stop - rows.start
-    return {'inputs': window[:, :-1], 'targets': window[:, 1:],
-            'weights': tf.ones([num_rows, seq_len], tf.float32),
-            'reset': tf.fill([num_rows], tf.cast(position == 0, tf.float32))}
+    return {
+      'inputs': window[:, :-1],
+      'targets': window[:, 1:],
+      'weights': tf.ones([num_rows, seq_len], tf.float32),
+      'reset': tf.fill([num_rows], tf.cast(position == 0, tf.float32)),
+    }
 
   dataset = tf.data.Dataset.range(start_step, 2**62).map(batch_of_step, num_parallel_calls=1)
   return _deterministic(dataset).as_numpy_iterator()
 
 
-def eval_batches(stream: TokenStream, seq_len: int, global_batch: int,
-                 max_batches: int = -1, process_index: int = 0,
-                 process_count: int = 1, layout: str = 'windows',
-                 masking: Masking | None = None, seed: int = 0) -> Iterator[dict]:
+def eval_batches(
+  stream: TokenStream,
+  seq_len: int,
+  global_batch: int,
+  max_batches: int = -1,
+  process_index: int = 0,
+  process_count: int = 1,
+  layout: str = 'windows',
+  masking: Masking | None = None,
+  seed: int = 0,
+) -> Iterator[dict]:
   """Every target token of the split exactly once; padding weighs 0.
 
   `windows` and `stream`: the stream is cut into `global_batch` contiguous
@@ -380,19 +447,27 @@ def eval_batches(stream: TokenStream, seq_len: int, global_batch: int,
   check_layout(layout)
   rows = _local_rows(global_batch, process_index, process_count)
   if layout == 'packed':
-    batches = eval_row_batches(stream.packed(seq_len), global_batch, max_batches,
-                               process_index, process_count)
+    batches = eval_row_batches(
+      stream.packed(seq_len), global_batch, max_batches, process_index, process_count
+    )
   else:
     batches = _eval_windows(stream, seq_len, global_batch, max_batches, rows)
   for i, batch in enumerate(batches):
     if masking is not None:
-      batch = {k: np.asarray(v) for k, v in masking.apply(batch, [seed, -1 - i], rows,
-                                                          global_batch).items()}
+      batch = {
+        k: np.asarray(v)
+        for k, v in masking.apply(batch, [seed, -1 - i], rows, global_batch).items()
+      }
     yield batch
 
 
-def eval_row_batches(examples: dict, global_batch: int, max_batches: int = -1,
-                     process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def eval_row_batches(
+  examples: dict,
+  global_batch: int,
+  max_batches: int = -1,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict]:
   """Whole rows of `examples` in order, the last batch padded with weight-0 rows."""
   rows = _local_rows(global_batch, process_index, process_count)
   count = len(next(iter(examples.values())))
@@ -402,29 +477,34 @@ def eval_row_batches(examples: dict, global_batch: int, max_batches: int = -1,
   for i in range(num_batches):
     batch = {}
     for name, value in examples.items():
-      chunk = value[i * global_batch:(i + 1) * global_batch]
+      chunk = value[i * global_batch : (i + 1) * global_batch]
       padding = np.zeros((global_batch - len(chunk),) + value.shape[1:], value.dtype)
       batch[name] = np.concatenate([chunk, padding])[rows]
     yield batch
 
 
-def _eval_windows(stream: TokenStream, seq_len: int, global_batch: int, max_batches: int,
-                  rows: slice) -> Iterator[dict]:
+def _eval_windows(
+  stream: TokenStream, seq_len: int, global_batch: int, max_batches: int, rows: slice
+) -> Iterator[dict]:
   tokens = stream.tokens
   num_windows = -(-(len(tokens) - 1) // seq_len)
   windows_per_row = -(-num_windows // global_batch)
   row_len = windows_per_row * seq_len
   padded = np.zeros(global_batch * row_len + 1, np.int32)
   weights = np.zeros(global_batch * row_len, np.float32)
-  padded[:len(tokens)] = tokens
-  weights[:len(tokens) - 1] = 1.0
+  padded[: len(tokens)] = tokens
+  weights[: len(tokens) - 1] = 1.0
   inputs = padded[:-1].reshape(global_batch, windows_per_row, seq_len)[rows]
   targets = padded[1:].reshape(global_batch, windows_per_row, seq_len)[rows]
   weights = weights.reshape(global_batch, windows_per_row, seq_len)[rows]
   num_batches = windows_per_row if max_batches < 0 else min(windows_per_row, max_batches)
   for i in range(num_batches):
-    yield {'inputs': inputs[:, i], 'targets': targets[:, i], 'weights': weights[:, i],
-           'reset': np.full([len(inputs)], float(i == 0), np.float32)}
+    yield {
+      'inputs': inputs[:, i],
+      'targets': targets[:, i],
+      'weights': weights[:, i],
+      'reset': np.full([len(inputs)], float(i == 0), np.float32),
+    }
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:

@@ -5,6 +5,7 @@ embedded), which lmjax saves in the workdir and inside every checkpoint, so
 evaluation and sampling need nothing else. `fingerprint()` names it compactly
 (kind, vocabulary size, hash of its content) for mismatch checks.
 """
+
 import base64
 import collections
 import hashlib
@@ -12,7 +13,7 @@ import io
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece
@@ -49,8 +50,11 @@ class Tokenizer:
 
   def fingerprint(self) -> dict:
     content = json.dumps(self.to_json(), sort_keys=True).encode()
-    return {'kind': self.kind, 'vocab_size': self.vocab_size,
-            'sha256': hashlib.sha256(content).hexdigest()[:16]}
+    return {
+      'kind': self.kind,
+      'vocab_size': self.vocab_size,
+      'sha256': hashlib.sha256(content).hexdigest()[:16],
+    }
 
 
 class ByteTokenizer(Tokenizer):
@@ -146,8 +150,9 @@ class WordTokenizer(Tokenizer):
 
   def __init__(self, words: Sequence[str], split: str = 'whitespace'):
     if split not in self.SPLITS:
-      raise TokenizerError(f"tokenizer.word_split must be one of {', '.join(self.SPLITS)}, "
-                           f'got {split!r}')
+      raise TokenizerError(
+        f'tokenizer.word_split must be one of {", ".join(self.SPLITS)}, got {split!r}'
+      )
     self.split = split
     self.words = [w for w in words if w not in self.SPECIALS]
     self.vocab = list(self.SPECIALS) + self.words
@@ -158,8 +163,9 @@ class WordTokenizer(Tokenizer):
     return line.split() if self.split == 'whitespace' else self._PUNCTUATION.findall(line)
 
   @classmethod
-  def build(cls, texts: Iterable[str], split: str = 'whitespace', max_size: int = 0,
-            min_count: int = 1) -> 'WordTokenizer':
+  def build(
+    cls, texts: Iterable[str], split: str = 'whitespace', max_size: int = 0, min_count: int = 1
+  ) -> 'WordTokenizer':
     """Counts the words of `texts`; keeps those seen `min_count` times, at most
     `max_size` of them (0 = all), the specials included."""
     splitter = cls([], split)
@@ -171,10 +177,9 @@ class WordTokenizer(Tokenizer):
       counts.pop(special, None)
     if not counts:
       raise TokenizerError('cannot build a word vocabulary: the training split has no words')
-    kept = sorted((w for w, c in counts.items() if c >= min_count),
-                  key=lambda w: (-counts[w], w))
+    kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     if max_size:
-      kept = kept[:max(0, max_size - len(cls.SPECIALS))]
+      kept = kept[: max(0, max_size - len(cls.SPECIALS))]
     return cls(kept, split)
 
   def encode(self, text: str) -> np.ndarray:
@@ -233,8 +238,13 @@ class SentencePieceTokenizer(Tokenizer):
       raise TokenizerError(f'{path}: not a sentencepiece model ({error})') from None
 
   @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = 'bpe',
-            sample_chars: int = 10_000_000) -> 'SentencePieceTokenizer':
+  def train(
+    cls,
+    texts: Iterable[str],
+    vocab_size: int,
+    model_type: str = 'bpe',
+    sample_chars: int = 10_000_000,
+  ) -> 'SentencePieceTokenizer':
     """Trains on up to `sample_chars` characters of `texts`, kept verbatim.
 
     Text is not normalised (identity rule) and whitespace is kept, so code and
@@ -254,16 +264,30 @@ class SentencePieceTokenizer(Tokenizer):
     model = io.BytesIO()
     try:
       sentencepiece.SentencePieceTrainer.train(
-          sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-          model_type=model_type, character_coverage=1.0, byte_fallback=True,
-          normalization_rule_name='identity', remove_extra_whitespaces=False,
-          allow_whitespace_only_pieces=True, split_digits=True,
-          user_defined_symbols=['\n', '\t'], max_sentence_length=16384,
-          input_sentence_size=0, num_threads=os.cpu_count() or 1,
-          unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=['\n', '\t'],
+        max_sentence_length=16384,
+        input_sentence_size=0,
+        num_threads=os.cpu_count() or 1,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=1,
+        pad_id=-1,
+        minloglevel=2,
+      )
     except RuntimeError as error:
-      raise TokenizerError(f'sentencepiece training failed with vocab_size={vocab_size} on '
-                           f'{taken} characters: {error}') from None
+      raise TokenizerError(
+        f'sentencepiece training failed with vocab_size={vocab_size} on {taken} characters: {error}'
+      ) from None
     return cls(model.getvalue())
 
   def encode(self, text: str) -> np.ndarray:
@@ -319,22 +343,30 @@ def build(tokenizer_config, train_texts) -> Tokenizer:
   if kind == 'chars':
     return CharTokenizer.build(train_texts())
   if kind == 'words':
-    return WordTokenizer.build(train_texts(), tokenizer_config.word_split,
-                               tokenizer_config.max_size, tokenizer_config.min_count)
+    return WordTokenizer.build(
+      train_texts(),
+      tokenizer_config.word_split,
+      tokenizer_config.max_size,
+      tokenizer_config.min_count,
+    )
   if kind == 'sentencepiece':
     if tokenizer_config.model_file:
       return SentencePieceTokenizer.load(tokenizer_config.model_file)
-    return SentencePieceTokenizer.train(train_texts(), tokenizer_config.vocab_size,
-                                        tokenizer_config.model_type,
-                                        tokenizer_config.sample_chars)
+    return SentencePieceTokenizer.train(
+      train_texts(),
+      tokenizer_config.vocab_size,
+      tokenizer_config.model_type,
+      tokenizer_config.sample_chars,
+    )
   raise TokenizerError(f'unknown tokenizer.kind {kind!r}; expected one of {", ".join(KINDS)}')
 
 
 TOKENIZER_FILE = 'tokenizer.json'
 
 
-def for_run(tokenizer_config, workdir: str, train_texts, given: Tokenizer | None = None
-            ) -> Tokenizer:
+def for_run(
+  tokenizer_config, workdir: str, train_texts, given: Tokenizer | None = None
+) -> Tokenizer:
   """The run's tokenizer: the workdir's saved one, or a new one saved there
   (`given`, a fine-tuned run's pre-trained tokenizer, or one built from
   `train_texts`)."""
@@ -343,11 +375,15 @@ def for_run(tokenizer_config, workdir: str, train_texts, given: Tokenizer | None
     with fs.open(path) as f:
       tokenizer = from_json(json.load(f))
     if tokenizer.kind != tokenizer_config.kind:
-      raise TokenizerError(f'{path} holds a {tokenizer.kind!r} tokenizer but the config asks '
-                           f'for {tokenizer_config.kind!r}; use another workdir')
+      raise TokenizerError(
+        f'{path} holds a {tokenizer.kind!r} tokenizer but the config asks '
+        f'for {tokenizer_config.kind!r}; use another workdir'
+      )
     if given is not None and given.fingerprint() != tokenizer.fingerprint():
-      raise TokenizerError(f'{path} holds tokenizer {tokenizer.fingerprint()}, but init_from '
-                           f'was trained with {given.fingerprint()}; use another workdir')
+      raise TokenizerError(
+        f'{path} holds tokenizer {tokenizer.fingerprint()}, but init_from '
+        f'was trained with {given.fingerprint()}; use another workdir'
+      )
     return tokenizer
   tokenizer = given or build(tokenizer_config, train_texts)
   # Every process of a multi-host run builds the same tokenizer and may write it:

@@ -5,6 +5,7 @@ The backbone is the language model itself (`head=False`), so its parameters
 sit under 'backbone' with exactly the names a pre-training checkpoint holds,
 and fine-tuning restores them as they are; only 'head' is new.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ class Classifier(nn.Module):
   Pooling: 'mean' over a row's tokens (the encoder), 'first' token, or 'last'
   token (a causal decoder's or a recurrent model's summary of the whole row:
   for an LSTM, its final state)."""
+
   backbone: nn.Module
   num_classes: int
   pooling: str = 'mean'
@@ -31,14 +33,15 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
     if self.pooling not in POOLINGS:
-      raise ValueError(f'classify.pooling must be one of {", ".join(POOLINGS)} (or auto); '
-                       f'got {self.pooling!r}')
+      raise ValueError(
+        f'classify.pooling must be one of {", ".join(POOLINGS)} (or auto); got {self.pooling!r}'
+      )
     if getattr(self.backbone, 'recurrent', False):
       hidden, _ = self.backbone(tokens, deterministic=deterministic, head=False)
     else:
       hidden = self.backbone(tokens, positions, segment_ids, deterministic, head=False)
     # hidden: [batch, length, embed]
-    valid = (jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids > 0)
+    valid = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids > 0
     if self.pooling == 'mean':
       weights = valid.astype(hidden.dtype)[..., None]
       pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
@@ -48,9 +51,18 @@ class Classifier(nn.Module):
       last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
       pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     pooled = nn.Dropout(self.dropout)(pooled, deterministic=deterministic)  # [batch, embed]
-    logits = layers.Einsum((pooled.shape[-1], self.num_classes), ('embed', 'classes'),
-                           'bd,dc->bc', dtype=self.dtype, param_dtype=self.param_dtype,
-                           name='head')(pooled)
-    bias = self.param('head_bias', layers.partitioned(nn.initializers.zeros, ('classes',)),
-                      (self.num_classes,), self.param_dtype)
+    logits = layers.Einsum(
+      (pooled.shape[-1], self.num_classes),
+      ('embed', 'classes'),
+      'bd,dc->bc',
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='head',
+    )(pooled)
+    bias = self.param(
+      'head_bias',
+      layers.partitioned(nn.initializers.zeros, ('classes',)),
+      (self.num_classes,),
+      self.param_dtype,
+    )
     return (logits + bias).astype(jnp.float32)

@@ -3,6 +3,7 @@
 Every parameter carries logical axis names (see lmjax.sharding) and every
 module keeps `dtype` (compute) apart from `param_dtype` (storage).
 """
+
 import functools
 from typing import Any
 
@@ -64,6 +65,7 @@ class Einsum(nn.Module):
   DenseGeneral flattens multi-axis kernels, which breaks their constraints
   under a mesh).
   """
+
   shape: tuple
   names: tuple
   equation: str
@@ -81,6 +83,7 @@ class Einsum(nn.Module):
 
 class Norm(nn.Module):
   """LayerNorm or RMSNorm over the last axis, computed in float32."""
+
   kind: str = 'layernorm'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -89,12 +92,17 @@ class Norm(nn.Module):
   def __call__(self, x):
     scale_init = partitioned(nn.initializers.ones, ('embed',))
     if self.kind == 'layernorm':
-      norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                          scale_init=scale_init,
-                          bias_init=partitioned(nn.initializers.zeros, ('embed',)))
+      norm = nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        scale_init=scale_init,
+        bias_init=partitioned(nn.initializers.zeros, ('embed',)),
+      )
     elif self.kind == 'rmsnorm':
-      norm = nn.RMSNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                        scale_init=scale_init)
+      norm = nn.RMSNorm(
+        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init
+      )
     else:
       raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
     return norm(x)
@@ -104,7 +112,7 @@ def rope(x, positions, base: float = 10_000.0):
   """Rotary position embedding of [batch, length, heads, head_dim] at positions [batch, length]."""
   head_dim = x.shape[-1]
   fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inverse_frequency = base ** -fraction  # [head_dim / 2]
+  inverse_frequency = base**-fraction  # [head_dim / 2]
   angles = positions[:, :, None, None].astype(jnp.float32) * inverse_frequency  # [b, l, 1, half]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -119,7 +127,7 @@ def attention(query, key, value, mask=None, causal: bool = True):
   on CPU, XLA then keeps the heads-major layout batched matmuls want (about 2 % of
   the shakespeare_char step)."""
   length, head_dim = query.shape[1], query.shape[-1]
-  q = jnp.einsum('bqhk->bhqk', query) * jnp.asarray(head_dim ** -0.5, query.dtype)
+  q = jnp.einsum('bqhk->bhqk', query) * jnp.asarray(head_dim**-0.5, query.dtype)
   scores = jnp.einsum('bhqk,bshk->bhqs', q, key, preferred_element_type=jnp.float32)
   allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] if causal else None
   if mask is not None:
@@ -134,6 +142,7 @@ class SelfAttention(nn.Module):
   """Multi-head self-attention, causal (decoder) or bidirectional (encoder): one
   fused QKV projection, then `attention`. With `segment_ids` [batch, length], a
   token attends only within its segment (0 = padding)."""
+
   num_heads: int
   causal: bool = True
   use_rope: bool = False
@@ -152,13 +161,18 @@ class SelfAttention(nn.Module):
     keeps working past cache_len (a sliding window)."""
     embed_dim = x.shape[-1]
     if embed_dim % self.num_heads:
-      raise ValueError(f'model.embed_dim={embed_dim} is not divisible by '
-                       f'model.num_heads={self.num_heads}')
+      raise ValueError(
+        f'model.embed_dim={embed_dim} is not divisible by model.num_heads={self.num_heads}'
+      )
     head_dim = embed_dim // self.num_heads
     einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
     # Projected in the matmul's natural [batch, length, qkv, heads, kv] layout.
-    qkv = einsum((embed_dim, 3, self.num_heads, head_dim), ('embed', 'qkv', 'heads', 'kv'),
-                 'bld,dthk->blthk', name='qkv')(x)
+    qkv = einsum(
+      (embed_dim, 3, self.num_heads, head_dim),
+      ('embed', 'qkv', 'heads', 'kv'),
+      'bld,dthk->blthk',
+      name='qkv',
+    )(x)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, kv]
     if self.use_rope:
       query, key = rope(query, positions), rope(key, positions)
@@ -174,9 +188,15 @@ class SelfAttention(nn.Module):
 
   def _out(self, out, head_dim, embed_dim):
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-    return Einsum((self.num_heads, head_dim, embed_dim), ('heads', 'kv', 'embed'),
-                  'blhk,hkd->bld', init_scale=self.out_init_scale, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name='out')(out)
+    return Einsum(
+      (self.num_heads, head_dim, embed_dim),
+      ('heads', 'kv', 'embed'),
+      'blhk,hkd->bld',
+      init_scale=self.out_init_scale,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='out',
+    )(out)
 
   def _decode(self, query, key, value, position):
     batch, _, heads, head_dim = key.shape
@@ -185,14 +205,16 @@ class SelfAttention(nn.Module):
     cached_value = self.variable('cache', 'value', jnp.zeros, shape, value.dtype)
     slot = position % self.cache_len
     cached_key.value = jax.lax.dynamic_update_index_in_dim(cached_key.value, key[:, 0], slot, 1)
-    cached_value.value = jax.lax.dynamic_update_index_in_dim(cached_value.value, value[:, 0],
-                                                             slot, 1)
+    cached_value.value = jax.lax.dynamic_update_index_in_dim(
+      cached_value.value, value[:, 0], slot, 1
+    )
     filled = (jnp.arange(self.cache_len) <= position)[None, None, None, :]  # [1, 1, 1, cache]
     return jax.nn.dot_product_attention(query, cached_key.value, cached_value.value, mask=filled)
 
 
 class Mlp(nn.Module):
   """GELU MLP, or SwiGLU with fused gate and up projections."""
+
   hidden_dim: int
   kind: str = 'gelu'
   out_init_scale: float = 1.0
@@ -204,15 +226,20 @@ class Mlp(nn.Module):
     embed_dim = x.shape[-1]
     einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
     if self.kind == 'gelu':
-      hidden = einsum((embed_dim, self.hidden_dim), ('embed', 'mlp'), 'bld,df->blf',
-                      name='up')(x)
+      hidden = einsum((embed_dim, self.hidden_dim), ('embed', 'mlp'), 'bld,df->blf', name='up')(x)
       hidden = gelu(hidden)
     elif self.kind == 'swiglu':
-      gate_up = einsum((embed_dim, 2, self.hidden_dim), ('embed', 'qkv', 'mlp'),
-                       'bld,dtf->bltf', name='gate_up')(x)
+      gate_up = einsum(
+        (embed_dim, 2, self.hidden_dim), ('embed', 'qkv', 'mlp'), 'bld,dtf->bltf', name='gate_up'
+      )(x)
       hidden = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
     else:
       raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.kind!r}")
     hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
-    return einsum((self.hidden_dim, embed_dim), ('mlp', 'embed'), 'blf,fd->bld',
-                  init_scale=self.out_init_scale, name='down')(hidden)
+    return einsum(
+      (self.hidden_dim, embed_dim),
+      ('mlp', 'embed'),
+      'blf,fd->bld',
+      init_scale=self.out_init_scale,
+      name='down',
+    )(hidden)

@@ -13,6 +13,7 @@ previous batch (None = zeros) and a per-row `reset` (1.0 = start from zeros),
 and returns the logits with the new carry, through which no gradient flows
 (truncated backpropagation through time).
 """
+
 import functools
 from typing import Any
 
@@ -46,23 +47,23 @@ def _lstm(gx, gh, state):
   z = gx + gh
   hidden = h.shape[-1]
   gates = _sigmoid(z)  # i, f, o use it; g uses tanh
-  i, f, o = gates[:, :hidden], gates[:, hidden:2 * hidden], gates[:, 3 * hidden:]
-  c = f * c + i * jnp.tanh(z[:, 2 * hidden:3 * hidden])
+  i, f, o = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 3 * hidden :]
+  c = f * c + i * jnp.tanh(z[:, 2 * hidden : 3 * hidden])
   return o * jnp.tanh(c), c
 
 
 def _gru(gx, gh, state):
-  h, = state
+  (h,) = state
   hidden = h.shape[-1]
-  rz = _sigmoid(gx[:, :2 * hidden] + gh[:, :2 * hidden])
+  rz = _sigmoid(gx[:, : 2 * hidden] + gh[:, : 2 * hidden])
   r, z = rz[:, :hidden], rz[:, hidden:]
-  n = jnp.tanh(gx[:, 2 * hidden:] + r * gh[:, 2 * hidden:])
-  return (1.0 - z) * n + z * h,
+  n = jnp.tanh(gx[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
+  return ((1.0 - z) * n + z * h,)
 
 
 def _rnn(gx, gh, state):
   del state
-  return jnp.tanh(gx + gh),
+  return (jnp.tanh(gx + gh),)
 
 
 # A cell is `new_state = cell(gx_t, gh_t, state)`, with the input projection
@@ -77,6 +78,7 @@ def forward(cell, gx, w_hh, b_hh, state):
     gh = state[0] @ w_hh if b_hh is None else state[0] @ w_hh + b_hh
     new = _CELL_FNS[cell](gx_t, gh, state)
     return new, (new, gh)
+
   final, (states, ghs) = jax.lax.scan(body, state, gx)
   return final, states, ghs
 
@@ -111,12 +113,19 @@ def _lstm_backward(gx, gh, previous, new, d_new):
   hidden = c.shape[-1]
   z = gx + gh
   gates = _sigmoid(z)
-  i, f, o = gates[:, :hidden], gates[:, hidden:2 * hidden], gates[:, 3 * hidden:]
-  g = jnp.tanh(z[:, 2 * hidden:3 * hidden])
+  i, f, o = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 3 * hidden :]
+  g = jnp.tanh(z[:, 2 * hidden : 3 * hidden])
   tanh_c = jnp.tanh(c)
   dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
-  d_z = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
-                         dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o)], axis=-1)
+  d_z = jnp.concatenate(
+    [
+      dc * g * i * (1.0 - i),
+      dc * c_prev * f * (1.0 - f),
+      dc * i * (1.0 - g * g),
+      dh * tanh_c * o * (1.0 - o),
+    ],
+    axis=-1,
+  )
   return d_z, d_z, (jnp.zeros_like(dh), dc * f)
 
 
@@ -131,6 +140,7 @@ def _generic_backward(cell):
     del new
     _, vjp = jax.vjp(_CELL_FNS[cell], gx, gh, previous)
     return vjp(d_new)
+
   return backward
 
 
@@ -153,8 +163,9 @@ def _recurrence_backward(cell, residuals, cotangents):
     d_prev = (d_h if cell == 'rnn' else d_prev[0] + d_h,) + d_prev[1:]
     return d_prev, (d_gh,) if same else (d_gx, d_gh)
 
-  d_state0, d_steps = jax.lax.scan(body, d_final, (gx, ghs, previous, states, d_outputs),
-                                   reverse=True)
+  d_state0, d_steps = jax.lax.scan(
+    body, d_final, (gx, ghs, previous, states, d_outputs), reverse=True
+  )
   d_gh = d_steps[-1]
   d_gx = d_gh if same else d_steps[0]
   d_w_hh = jnp.einsum('tbh,tbg->hg', previous[0], d_gh)
@@ -167,6 +178,7 @@ recurrence.defvjp(_recurrence_forward, _recurrence_backward)
 
 class RecurrentLayer(nn.Module):
   """One recurrent layer over a time-major sequence [time, batch, features]."""
+
   cell: str
   hidden_dim: int
   init_scale: float
@@ -185,7 +197,8 @@ class RecurrentLayer(nn.Module):
     init = nn.initializers.uniform(2 * self.init_scale)
     shifted = lambda key, shape, dtype: init(key, shape, dtype) - self.init_scale
     param = lambda name, shape, names: self.param(
-        name, layers.partitioned(shifted, names), shape, self.param_dtype)
+      name, layers.partitioned(shifted, names), shape, self.param_dtype
+    )
     w_ih = param('w_ih', (xs.shape[-1], gates, hidden), ('embed', 'gates', 'hidden'))
     w_hh = param('w_hh', (hidden, gates, hidden), ('hidden_in', 'gates', 'hidden'))
     b_ih = param('b_ih', (gates, hidden), ('gates', 'hidden'))
@@ -206,6 +219,7 @@ class RecurrentLayer(nn.Module):
 
 class RecurrentLM(nn.Module):
   """Token ids [batch, length] (+ carry) -> (logits [batch, length, vocab], carry)."""
+
   vocab_size: int
   cell: str = 'lstm'
   num_layers: int = 2
@@ -219,18 +233,19 @@ class RecurrentLM(nn.Module):
   recurrent = True  # class attribute: callers pass and receive a carry
 
   @nn.compact
-  def __call__(self, tokens, carry=None, reset=None, deterministic: bool = True,
-               head: bool = True):
+  def __call__(self, tokens, carry=None, reset=None, deterministic: bool = True, head: bool = True):
     """(logits [batch, length, vocab], next carry); `head=False` returns the top
     layer's outputs [batch, length, hidden] instead of logits (a classifier's
     backbone: the output at a row's last token is its final state)."""
     if self.cell not in CELLS:
       raise ValueError(f'unknown recurrent cell {self.cell!r}; known: {", ".join(CELLS)}')
     if self.tie_embeddings and self.embed_dim != self.hidden_dim:
-      raise ValueError(f'model.tie_embeddings needs model.embed_dim ({self.embed_dim}) == '
-                       f'model.hidden_dim ({self.hidden_dim})')
+      raise ValueError(
+        f'model.tie_embeddings needs model.embed_dim ({self.embed_dim}) == '
+        f'model.hidden_dim ({self.hidden_dim})'
+      )
     batch = tokens.shape[0]
-    scale = self.init_scale or self.hidden_dim ** -0.5
+    scale = self.init_scale or self.hidden_dim**-0.5
     init = nn.initializers.uniform(2 * scale)
     shifted = lambda key, shape, dtype: init(key, shape, dtype) - scale
     if carry is None:
@@ -239,9 +254,14 @@ class RecurrentLM(nn.Module):
       carry = carry * (1.0 - reset.astype(carry.dtype))[None, None, :, None]
     carry = nn.with_logical_constraint(carry, CARRY_AXES)
     embed_init = shifted if self.init_scale else layers.default_init
-    embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='embed',
-                     embedding_init=layers.partitioned(embed_init, ('vocab', 'embed')))
+    embed = nn.Embed(
+      self.vocab_size,
+      self.embed_dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='embed',
+      embedding_init=layers.partitioned(embed_init, ('vocab', 'embed')),
+    )
     time_major = tokens.T
     # Small vocabulary, no dropout on the embeddings: layer 0 projects the table.
     lookup = (deterministic or not self.dropout) and self.vocab_size < tokens.size
@@ -252,9 +272,14 @@ class RecurrentLM(nn.Module):
       x = nn.Dropout(self.dropout)(embed(time_major), deterministic=deterministic)
     states = []
     for i in range(self.num_layers):
-      x, state = RecurrentLayer(self.cell, self.hidden_dim, scale, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=f'layer_{i}')(
-                                    x, carry[i], time_major if lookup and i == 0 else None)
+      x, state = RecurrentLayer(
+        self.cell,
+        self.hidden_dim,
+        scale,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f'layer_{i}',
+      )(x, carry[i], time_major if lookup and i == 0 else None)
       x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
       states.append(state)
     new_carry = jax.lax.stop_gradient(jnp.stack(states).astype(jnp.float32))
@@ -264,11 +289,18 @@ class RecurrentLM(nn.Module):
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
-      kernel = self.param('unembed', layers.partitioned(shifted, ('embed', 'vocab')),
-                          (self.hidden_dim, self.vocab_size), self.param_dtype)
-      bias = self.param('unembed_bias', layers.partitioned(
-          nn.initializers.zeros if not self.init_scale else shifted, ('vocab',)),
-          (self.vocab_size,), self.param_dtype)
+      kernel = self.param(
+        'unembed',
+        layers.partitioned(shifted, ('embed', 'vocab')),
+        (self.hidden_dim, self.vocab_size),
+        self.param_dtype,
+      )
+      bias = self.param(
+        'unembed_bias',
+        layers.partitioned(nn.initializers.zeros if not self.init_scale else shifted, ('vocab',)),
+        (self.vocab_size,),
+        self.param_dtype,
+      )
       x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
       logits = jnp.einsum('bth,hv->btv', x, kernel) + bias
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab')), new_carry
