@@ -205,9 +205,7 @@ def make_train_step(config, model, schedule, plan=None):
   """`train_step` with every setting of `config` bound (dropout, loss
   normalization, microbatches, a LoRA plan): (state, batch, rng) -> (state, metrics)."""
   if config.parallelism not in PARALLELISMS:
-    raise ValueError(
-      f'parallelism must be one of {", ".join(PARALLELISMS)}; got {config.parallelism!r}'
-    )
+    raise ValueError(f"parallelism must be 'mesh' or 'pmap'; got {config.parallelism!r}")
   return functools.partial(
     train_step,
     model=model,
