@@ -21,7 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax import config as config_lib
-from lmjax import fs, storage
+from lmjax import fs
+from lmjax import storage
 from lmjax.data import tokenizers
 
 ITEMS = ('state', 'config', 'tokenizer')
@@ -35,7 +36,8 @@ def quiet_logs() -> None:
   error itself was raised (and reported by lmjax in one line): those are dropped."""
   import logging as std_logging
 
-  from absl import flags, logging
+  from absl import flags
+  from absl import logging
 
   if 'verbosity' not in flags.FLAGS or not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)

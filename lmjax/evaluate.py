@@ -10,10 +10,17 @@ import sys
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import app
+from absl import flags
 
-from lmjax import checkpoint, cpu_host, distributed, finetune, sharding, tasks, train_state
+from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import cpu_host
+from lmjax import distributed
+from lmjax import finetune
+from lmjax import sharding
+from lmjax import tasks
+from lmjax import train_state
 from lmjax.data import corpora
 
 

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from lmjax import cpu_host, sharding, steps, watchdog
+from lmjax import cpu_host
 from lmjax import metrics as metrics_lib
+from lmjax import sharding
+from lmjax import steps
+from lmjax import watchdog
 from lmjax.data import pipeline
 from lmjax.models import recurrent
 

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from lmjax import checkpoint, train_state
+from lmjax import checkpoint
+from lmjax import train_state
 from lmjax.data import tokenizers
 
 MODES = ('full', 'frozen', 'lora')

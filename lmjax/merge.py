@@ -14,10 +14,12 @@ import json
 import sys
 
 import jax
-from absl import app, flags
+from absl import app
+from absl import flags
 
-from lmjax import checkpoint, evaluate
+from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import evaluate
 
 
 def merge(workdir: str, output: str, step: str = 'latest', log=print) -> int:

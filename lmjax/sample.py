@@ -17,9 +17,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
-from lmjax import checkpoint, cpu_host, evaluate
+from lmjax import checkpoint
+from lmjax import cpu_host
+from lmjax import evaluate
 from lmjax.data import cleaning
 from lmjax.models import recurrent as recurrent_lib
 

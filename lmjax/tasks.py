@@ -22,8 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import classification_metrics, evaluation, models, sharding, steps, watchdog
-from lmjax.data import labelled, pipeline
+from lmjax import classification_metrics
+from lmjax import evaluation
+from lmjax import models
+from lmjax import sharding
+from lmjax import steps
+from lmjax import watchdog
+from lmjax.data import labelled
+from lmjax.data import pipeline
 
 TASKS = ('lm', 'mlm', 'classify')
 

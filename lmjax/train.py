@@ -19,27 +19,28 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
-from lmjax import (
-  checkpoint,
-  cpu_host,
-  distributed,
-  finetune,
-  fs,
-  locks,
-  models,
-  sample,
-  sharding,
-  steps,
-  storage,
-  tasks,
-  train_state,
-  watchdog,
-)
+from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import cpu_host
+from lmjax import distributed
+from lmjax import finetune
+from lmjax import fs
+from lmjax import locks
 from lmjax import metrics as metrics_lib
-from lmjax.data import pipeline, tokenizers
+from lmjax import models
+from lmjax import sample
+from lmjax import sharding
+from lmjax import steps
+from lmjax import storage
+from lmjax import tasks
+from lmjax import train_state
+from lmjax import validation
+from lmjax import watchdog
+from lmjax.data import pipeline
+from lmjax.data import tokenizers
 
 
 def _log(message: str) -> None:
@@ -339,6 +340,7 @@ def compile_only(config) -> dict:
   (no data, no parameters allocated), and reports its per-device memory: will
   the model fit before the pod is rented? The vocabulary is 257 for bytes and
   tokenizer.vocab_size otherwise."""
+  validation.check(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_check(config.train.batch_size, mesh)
   vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
@@ -555,6 +557,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   whole evaluation split and prints a sample; returns the final evaluation. Process 0
   holds the workdir's lock (WORKDIR/lock) throughout: a second run on the same
   workdir is refused with locks.LockError naming the holder."""
+  validation.check(config)  # before any I/O
   lock = locks.Lock(fs.absolute(workdir), 'lock', 'another training run')
   if jax.process_index() == 0:
     lock.acquire()
@@ -621,6 +624,7 @@ def _main(argv):
       )
       is not None
     )
+    validation.check(flag_values.config)  # a typo is the first thing a run says
     cpu_host.prepare(flag_values.config, multi_process)
     distributed.initialize_from_flags()
     if flag_values.compile_only:

@@ -26,7 +26,8 @@ def main():
   from conftest import tiny_config  # it asks for 8 devices: ask for 4 before jax starts
 
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-  from lmjax import distributed, train
+  from lmjax import distributed
+  from lmjax import train
 
   distributed.initialize(f'127.0.0.1:{port}', 2, int(process_id), timeout=120)
   import jax

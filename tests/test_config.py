@@ -90,3 +90,55 @@ def test_config_round_trips_through_json(tmp_path):
     restored = config_lib.from_json(f.read())
   assert restored.to_dict() == config.to_dict()
   assert json.loads(config_lib.to_json(config))['model']['embed_dim'] == config.model.embed_dim
+
+
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
+    ('model.norm', 'rmsnrm', "model.norm must be one of layernorm, rmsnorm; got 'rmsnrm'"),
+    ('model.mlp', 'relu', "model.mlp must be one of gelu, swiglu; got 'relu'"),
+    ('model.positions', 'alibi', "model.positions must be one of learned, rope; got 'alibi'"),
+    ('classify.pooling', 'max', 'classify.pooling must be one of auto, mean, first, last'),
+    ('data.layout', 'rows', "data.layout must be one of windows, packed, stream; got 'rows'"),
+    ('optimizer.name', 'lion', 'optimizer.name must be one of adamw, adam, sgd'),
+    ('tokenizer.kind', 'bpe', 'tokenizer.kind must be one of bytes, chars, words, sentencepiece'),
+    ('train.batch_size', 0, 'train.batch_size must be a positive integer; got 0'),
+    ('model.num_heads', 3, 'model.embed_dim=128 is not divisible by model.num_heads=3'),
+    ('model.dropout', 1.5, r'model.dropout must be in \[0, 1\)'),
+  ],
+)
+def test_every_choice_is_checked_before_anything_runs(field, value, message):
+  from lmjax import validation
+
+  config = config_lib.base_config()
+  config_lib.check_key_path(config, field)
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    validation.check(config)
+
+
+def test_a_bad_choice_stops_the_train_command_before_any_io(tmp_path):
+  # It used to surface only when the model was traced, after both splits were
+  # tokenized (and sentencepiece maybe trained).
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'lmjax.train',
+      '--config',
+      str(REPO / 'configs' / 'default.py'),
+      '--workdir',
+      str(workdir),
+      '--config.model.norm=rmsnrm',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+  )
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors == ["error: model.norm must be one of layernorm, rmsnorm; got 'rmsnrm'"]
+  assert not workdir.exists() and 'corpus' not in result.stdout  # nothing was read

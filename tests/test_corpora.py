@@ -5,7 +5,8 @@ import tensorflow_datasets as tfds
 
 from conftest import SHAKESPEARE_DIR
 from lmjax import config as config_lib
-from lmjax.data import corpora, pipeline
+from lmjax.data import corpora
+from lmjax.data import pipeline
 
 
 def data_config(**fields):

@@ -10,8 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from lmjax import checkpoint, evaluate, metrics, train
+from conftest import REPO
+from conftest import tiny_config
+from lmjax import checkpoint
+from lmjax import evaluate
+from lmjax import metrics
+from lmjax import train
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,14 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import metrics as sklearn_metrics
 
-from conftest import shakespeare_text, tiny_config
-from lmjax import checkpoint, evaluate, finetune, merge, tasks, train
+from conftest import shakespeare_text
+from conftest import tiny_config
+from lmjax import checkpoint
+from lmjax import evaluate
+from lmjax import finetune
+from lmjax import merge
+from lmjax import tasks
+from lmjax import train
 from lmjax.data import tokenizers
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lmjax.data import corpora, labelled, tokenizers
+from lmjax.data import corpora
+from lmjax.data import labelled
+from lmjax.data import tokenizers
 
 
 def config_for(path, validation='', **overrides):

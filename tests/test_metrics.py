@@ -5,7 +5,8 @@ import math
 import pytest
 
 from lmjax import config as config_lib
-from lmjax import metrics, models
+from lmjax import metrics
+from lmjax import models
 
 
 def test_summarize_turns_sums_into_means():

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from lmjax import config as config_lib
-from lmjax import models, sharding, steps, train_state
+from lmjax import models
+from lmjax import sharding
+from lmjax import steps
+from lmjax import train_state
 
 
 def model_config(**fields):

@@ -80,7 +80,13 @@ def test_two_processes_train_like_one_process_and_restore_on_one_device(corpus_d
   from multiprocess_train_worker import TRAIN_OVERRIDES
 
   from conftest import tiny_config
-  from lmjax import checkpoint, evaluation, metrics, models, sharding, train, train_state
+  from lmjax import checkpoint
+  from lmjax import evaluation
+  from lmjax import metrics
+  from lmjax import models
+  from lmjax import sharding
+  from lmjax import train
+  from lmjax import train_state
 
   workdir = tmp_path / 'two'
   results = run_two('multiprocess_train_worker.py', corpus_dir, workdir, tmp_path)

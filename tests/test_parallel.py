@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from lmjax import checkpoint, models, sharding, steps, train, train_state
+from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import models
+from lmjax import sharding
+from lmjax import steps
+from lmjax import train
+from lmjax import train_state
 
 SEQ_LEN, BATCH, STEPS = 16, 16, 5
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lmjax.data import corpora, pipeline, tokenizers
+from lmjax.data import corpora
+from lmjax.data import pipeline
+from lmjax.data import tokenizers
 
 
 @pytest.fixture(scope='module')

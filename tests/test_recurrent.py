@@ -9,9 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from lmjax import checkpoint, models, steps, train, train_state
+from conftest import REPO
+from conftest import tiny_config
+from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import models
+from lmjax import steps
+from lmjax import train
+from lmjax import train_state
 from lmjax.models import recurrent
 
 

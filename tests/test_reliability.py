@@ -15,8 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from lmjax import checkpoint, locks, storage, train
+from conftest import REPO
+from conftest import tiny_config
+from lmjax import checkpoint
+from lmjax import locks
+from lmjax import storage
+from lmjax import train
 
 STEPS = dict(
   **{
@@ -106,7 +110,9 @@ def abstract_params_of(run_dir):
   """The run's parameters as lmjax restores them (onto this process's 8 devices)."""
   import ml_collections
 
-  from lmjax import sharding, tasks, train_state
+  from lmjax import sharding
+  from lmjax import tasks
+  from lmjax import train_state
 
   config, tokenizer = checkpoint.read_run(checkpoint.manager(str(run_dir), read_only=True), 20)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
@@ -139,6 +145,7 @@ def test_resume_falls_back_past_a_damaged_newest_step_and_keeps_it(
   assert np.isfinite(result['loss'])
 
 
+@pytest.mark.slow
 def test_a_damaged_step_named_on_the_command_line_is_a_short_error(run_dir, tmp_path):
   workdir = copy_of(run_dir, tmp_path)
   with open(largest_file(workdir / 'checkpoints' / '20' / 'state'), 'r+b') as f:
@@ -150,6 +157,7 @@ def test_a_damaged_step_named_on_the_command_line_is_a_short_error(run_dir, tmp_
   assert len(line) < 600 and 'tensorstore_spec' not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unreadable_file_is_retried_then_fails_without_falling_back(run_dir, tmp_path):
   workdir = copy_of(run_dir, tmp_path)
   victim = largest_file(workdir / 'checkpoints' / '20' / 'state')
@@ -169,6 +177,7 @@ def test_an_unreadable_file_is_retried_then_fails_without_falling_back(run_dir, 
   assert len(line) < 600
 
 
+@pytest.mark.slow
 def test_a_step_directory_replaced_by_a_dangling_link_is_skipped(run_dir, tmp_path):
   workdir = copy_of(run_dir, tmp_path)
   step_dir = workdir / 'checkpoints' / '20'

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lmjax import config as config_lib
-from lmjax import models, sample
+from lmjax import models
+from lmjax import sample
 from lmjax.data import tokenizers
 
 VOCAB, CONTEXT = 50, 24

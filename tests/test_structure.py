@@ -5,9 +5,12 @@ import importlib.util
 
 import jax
 import numpy as np
+import pytest
 
-from conftest import REPO, tiny_config
-from lmjax import sharding, train
+from conftest import REPO
+from conftest import tiny_config
+from lmjax import sharding
+from lmjax import train
 
 
 def load_tool(name: str):
@@ -32,6 +35,7 @@ def test_the_library_uses_no_jax_internals():
   assert offenders == []
 
 
+@pytest.mark.slow
 def test_the_benchmark_times_the_step_training_runs(corpus_dir, tmp_path):
   # Microbatches, packed rows (segment ids) and dropout: what bench.py used to drop.
   config = tiny_config(

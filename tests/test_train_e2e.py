@@ -8,8 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from lmjax import checkpoint, metrics, train
+from conftest import REPO
+from conftest import tiny_config
+from lmjax import checkpoint
+from lmjax import metrics
+from lmjax import train
 
 pytestmark = pytest.mark.slow
 

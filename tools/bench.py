@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from lmjax import config as config_lib
 
@@ -151,7 +152,12 @@ def build(config, vocab: int):
   dropout, a fine-tuning plan), on the parameters a new run starts from."""
   import jax
 
-  from lmjax import finetune, models, sharding, steps, tasks, train_state
+  from lmjax import finetune
+  from lmjax import models
+  from lmjax import sharding
+  from lmjax import steps
+  from lmjax import tasks
+  from lmjax import train_state
 
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(config.mesh)
@@ -181,7 +187,10 @@ def main(argv):
   import jax
   import numpy as np
 
-  from lmjax import cpu_host, metrics, sharding, train
+  from lmjax import cpu_host
+  from lmjax import metrics
+  from lmjax import sharding
+  from lmjax import train
 
   config = flags.FLAGS.config
   cpu_host.prepare(config)  # as lmjax.train does

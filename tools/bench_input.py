@@ -15,7 +15,8 @@ import json
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from lmjax import config as config_lib
 
@@ -25,7 +26,8 @@ flags.DEFINE_float('step_ms', 0.0, 'Train step time (ms) to compare against (0 =
 
 def main(argv):
   del argv
-  from lmjax.data import pipeline, tokenizers
+  from lmjax.data import pipeline
+  from lmjax.data import tokenizers
 
   config = flags.FLAGS.config
   data = config.data

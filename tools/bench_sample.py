@@ -13,7 +13,8 @@ prints generated tokens per second for both and their ratio.
 import json
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from lmjax import config as config_lib
 
@@ -30,7 +31,10 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from lmjax import cpu_host, evaluate, models, sample
+  from lmjax import cpu_host
+  from lmjax import evaluate
+  from lmjax import models
+  from lmjax import sample
 
   cpu_host.prepare()  # as lmjax.sample does
   if flags.FLAGS.workdir:

@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from lmjax.data import cleaning, corpora
+from lmjax.data import cleaning
+from lmjax.data import corpora
 
 FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from lmjax.data import cleaning, corpora
+from lmjax.data import cleaning
+from lmjax.data import corpora
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
 LAYOUTS = ('windows', 'packed', 'stream')

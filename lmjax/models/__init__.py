@@ -8,7 +8,9 @@ in a sequence classifier (lmjax.models.classifier)."""
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import classifier, recurrent, transformer
+from lmjax.models import classifier
+from lmjax.models import recurrent
+from lmjax.models import transformer
 
 FAMILIES = ('transformer', 'encoder') + recurrent.CELLS
 

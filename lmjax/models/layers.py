@@ -11,6 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+NORMS = ('layernorm', 'rmsnorm')  # model.norm
+MLPS = ('gelu', 'swiglu')  # model.mlp
+
 Dtype = Any
 default_init = nn.initializers.normal(stddev=0.02)
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from lmjax.models import layers
 
 # Activation checkpointing of whole blocks: what the backward pass may keep.
+POSITIONS = ('learned', 'rope')  # model.positions
 REMAT_POLICIES = {
   'none': None,
   'full': None,
@@ -104,7 +105,7 @@ class TransformerLM(nn.Module):
     decode: bool = False,
     head: bool = True,
   ):
-    if self.positions not in ('learned', 'rope'):
+    if self.positions not in POSITIONS:
       raise ValueError(f"model.positions must be 'learned' or 'rope', got {self.positions!r}")
     batch, length = tokens.shape
     if positions is None:

@@ -1,0 +1,92 @@
+"""One pass over a run's config, right after the flags and before any I/O: every
+choice among names, every number that must be positive, and the rules between
+fields. A typo in `model.norm` used to surface only when the model was traced,
+after both splits were tokenized (and sentencepiece maybe trained); now it is
+the first thing a run says.
+
+The lists of valid names are the modules' own (`pipeline.LAYOUTS`,
+`train_state.OPTIMIZERS`, ...), so a new choice is added in one place.
+"""
+
+from lmjax import config as config_lib
+from lmjax import finetune
+from lmjax import models
+from lmjax import steps
+from lmjax import tasks
+from lmjax import train_state
+from lmjax.data import corpora
+from lmjax.data import pipeline
+from lmjax.data import tokenizers
+from lmjax.models import classifier
+from lmjax.models import layers
+from lmjax.models import transformer
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+CHOICES = {
+  'parallelism': steps.PARALLELISMS,
+  'task': tasks.TASKS,
+  'data.layout': pipeline.LAYOUTS,
+  'data.documents': tuple(corpora.DOCUMENT_UNITS),
+  'data.invalid_utf8': ('error', 'replace'),
+  'classify.pooling': ('auto',) + classifier.POOLINGS,
+  'finetune.mode': finetune.MODES,
+  'tokenizer.kind': tokenizers.KINDS,
+  'tokenizer.model_type': ('bpe', 'unigram'),
+  'tokenizer.word_split': tokenizers.WordTokenizer.SPLITS,
+  'model.family': models.FAMILIES,
+  'model.mlp': layers.MLPS,
+  'model.norm': layers.NORMS,
+  'model.positions': transformer.POSITIONS,
+  'model.remat': tuple(transformer.REMAT_POLICIES),
+  'model.dtype': DTYPES,
+  'model.param_dtype': DTYPES,
+  'optimizer.name': train_state.OPTIMIZERS,
+  'optimizer.schedule': train_state.SCHEDULES,
+  'train.loss_normalization': ('tokens', 'rows'),
+}
+
+POSITIVE = (
+  'data.seq_len',
+  'train.batch_size',
+  'train.eval_batch_size',
+  'train.log_every',
+  'train.microbatches',
+  'checkpoint.every',
+  'model.num_layers',
+  'model.embed_dim',
+)
+
+
+def _value(config, dotted: str):
+  node = config
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+def check(config) -> None:
+  """Raises config_lib.ConfigError naming the field, its value and what is valid."""
+  for dotted, valid in CHOICES.items():
+    value = _value(config, dotted)
+    if value not in valid:
+      names = ', '.join(str(v) if v else "''" for v in valid)
+      raise config_lib.ConfigError(f'{dotted} must be one of {names}; got {value!r}')
+  for dotted in POSITIVE:
+    value = _value(config, dotted)
+    if not isinstance(value, int) or value < 1:
+      raise config_lib.ConfigError(f'{dotted} must be a positive integer; got {value!r}')
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise config_lib.ConfigError(f'model.dropout must be in [0, 1); got {config.model.dropout}')
+  if config.train.num_steps < 1 and config.train.num_epochs < 1:
+    raise config_lib.ConfigError('train.num_steps (or train.num_epochs) must be positive')
+  if config.model.family in ('transformer', 'encoder'):
+    if config.model.embed_dim % config.model.num_heads:
+      raise config_lib.ConfigError(
+        f'model.embed_dim={config.model.embed_dim} is not divisible by '
+        f'model.num_heads={config.model.num_heads}'
+      )
+  try:
+    tasks.check(config)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
