@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from test_launch import train_command
+from test_launch import wait_for
 
 from conftest import REPO
 from conftest import tiny_config
@@ -203,29 +205,6 @@ def test_storage_errors_and_damage_are_told_apart():
 
 # ----------------------------------------------------------------------------
 # One trainer per workdir.
-
-
-def train_command(corpus_dir, workdir, *overrides):
-  return [
-    sys.executable,
-    '-m',
-    'lmjax.train',
-    '--config',
-    f'{REPO}/tests/tiny_run_config.py:{corpus_dir}',
-    '--workdir',
-    str(workdir),
-    *overrides,
-  ]
-
-
-def wait_for(path: pathlib.Path, text: str, process, timeout=240):
-  start = time.monotonic()
-  while time.monotonic() - start < timeout:
-    if path.exists() and text in path.read_text():
-      return
-    assert process.poll() is None, path.read_text()[-3000:]
-    time.sleep(0.2)
-  pytest.fail(f'{text!r} did not appear in {path}')
 
 
 @pytest.mark.slow
