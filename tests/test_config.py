@@ -59,24 +59,21 @@ def test_check_overrides_reads_the_config_file_from_argv():
   config_lib.check_overrides([f'--config={REPO}/configs/default.py', '--config.seed=3'])
 
 
-def test_train_command_rejects_a_typo_before_running(tmp_path):
-  workdir = tmp_path / 'run'
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'lmjax.train',
-      '--config',
-      str(REPO / 'configs' / 'default.py'),
-      '--workdir',
-      str(workdir),
-      '--config.model.num_layer=2',
-    ],
+def train_default_config(workdir, *overrides):
+  """`python -m lmjax.train` on configs/default.py (in a subprocess)."""
+  command = [sys.executable, '-m', 'lmjax.train', '--config', str(REPO / 'configs' / 'default.py')]
+  return subprocess.run(
+    [*command, '--workdir', str(workdir), *overrides],
     capture_output=True,
     text=True,
     timeout=120,
     cwd=REPO,
   )
+
+
+def test_train_command_rejects_a_typo_before_running(tmp_path):
+  workdir = tmp_path / 'run'
+  result = train_default_config(workdir, '--config.model.num_layer=2')
   assert result.returncode != 0
   assert "unknown config key 'model.num_layer'" in result.stderr
   assert 'num_layers' in result.stderr
@@ -122,22 +119,7 @@ def test_a_bad_choice_stops_the_train_command_before_any_io(tmp_path):
   # It used to surface only when the model was traced, after both splits were
   # tokenized (and sentencepiece maybe trained).
   workdir = tmp_path / 'run'
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'lmjax.train',
-      '--config',
-      str(REPO / 'configs' / 'default.py'),
-      '--workdir',
-      str(workdir),
-      '--config.model.norm=rmsnrm',
-    ],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    cwd=REPO,
-  )
+  result = train_default_config(workdir, '--config.model.norm=rmsnrm')
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert errors == ["error: model.norm must be one of layernorm, rmsnorm; got 'rmsnrm'"]
