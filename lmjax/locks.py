@@ -98,9 +98,14 @@ class Lock:
     self.release()
 
   def refusal(self, holder: dict) -> str:
+    stale = (
+      f' (if it died, its lock is taken over once its heartbeat is {self.stale_s:.0f}s old)'
+      if self.remote
+      else ''
+    )
     return (
       f'{self.directory} is in use by {self.what}: {describe_holder(holder)} holds the '
-      f'lock {self.path}. Wait for it to end or stop it, or use another directory.'
+      f'lock {self.path}{stale}. Wait for it to end or stop it, or use another directory.'
     )
 
   def acquire(self, poll_s: float = 1.0) -> None:
