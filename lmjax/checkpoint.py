@@ -76,6 +76,13 @@ IO_ATTEMPTS = 3  # reads of a step that fail with an I/O error are tried this of
 RETRY_DELAY_S = 1.0  # before the second attempt; doubled before each later one
 
 
+def _intact_note(checkpoints, failed_step=None) -> str:
+  """What a failed save leaves: the steps written before it."""
+  kept = [s for s in checkpoints.all_steps() if s != failed_step]
+  newest = f'step {max(kept)}' if kept else 'none'
+  return f'The checkpoints already written are intact (newest: {newest}).'
+
+
 def describe_failure(error: BaseException, workdir: str = '') -> str:
   """The message of an error an entry point reports; a full disk, wherever it
   surfaced (a checkpoint, metrics.jsonl, TensorBoard), says so in one line."""
@@ -104,14 +111,11 @@ def save_errors(checkpoints, step):
     )
     step = int(failed.group(1)) if failed else step
     path = _step_path(checkpoints, step)
-    kept = [s for s in checkpoints.all_steps() if s != step]
-    previous = f'step {max(kept)}' if kept else 'none'
     cause = 'disk full' if storage.is_disk_full(error) else 'storage error'
     raise CheckpointIOError(
       f'{cause}: could not write checkpoint step {step} to {path} '
-      f'({storage.brief(error)}). The checkpoints already written are intact (newest: '
-      f'{previous}). Free space or fix access there, or use another --workdir; then run '
-      'again to resume'
+      f'({storage.brief(error)}). {_intact_note(checkpoints, step)} Free space or fix '
+      'access there, or use another --workdir; then run again to resume'
     ) from error
 
 
@@ -194,12 +198,10 @@ def check_space(checkpoints, step: int, state) -> None:
   )
   free = shutil.disk_usage(path).free
   if free < needed:
-    kept = checkpoints.all_steps()
     raise CheckpointIOError(
       f'disk full: checkpoint step {step} needs up to {needed / 2**20:.1f} MiB in {path}, '
-      f'but {free / 2**20:.1f} MiB are free there. The checkpoints already written are '
-      f'intact (newest: {f"step {max(kept)}" if kept else "none"}). Free space or use '
-      'another --workdir, then run again to resume'
+      f'but {free / 2**20:.1f} MiB are free there. {_intact_note(checkpoints)} Free space '
+      'or use another --workdir, then run again to resume'
     )
 
 

@@ -248,6 +248,18 @@ def plan_for(config, model) -> Plan | None:
   return Plan.for_model(config.finetune, prefix, pretrained_names(params, prefix), params, specs)
 
 
+def optimizer_and_plan(config, model, steps_per_epoch: int):
+  """(optimizer, schedule, plan) of the run: the configured optimizer, wrapped by
+  the fine-tuning plan when there is one (None otherwise)."""
+  plan = plan_for(config, model)
+  tx, schedule = train_state.make_optimizer(
+    config.optimizer, config.train.num_steps, steps_per_epoch
+  )
+  if plan is not None:
+    tx = plan.wrap_optimizer(tx)
+  return tx, schedule, plan
+
+
 # ----------------------------------------------------------------------------
 # Reading the pre-training run.
 

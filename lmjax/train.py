@@ -204,13 +204,12 @@ def _jit_assemble(plan):
 
 
 def _restore_or_create_state(
-  config, workdir, model, tx, mesh, tokenizer, model_params, pretrained=None, plan=None
+  config, workdir, model, tx, mesh, tokenizer, model_params, carry_rows, pretrained=None, plan=None
 ):
   """The latest checkpoint's state, or a new one (fine-tuning: built around the
   pre-trained parameters, read into the shardings of `model_params`, the model's
   abstract parameters). A LoRA run reads its frozen base from init_from again."""
   seq_len = config.data.seq_len
-  carry_rows = train_state.carry_rows(config, model)
   abstract, state_shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows, plan)
   backbone = None
   if pretrained is not None:
@@ -253,16 +252,14 @@ def enable_compilation_cache(directory: str) -> None:
 
 def setup(config, workdir: str) -> Run:
   """Config -> mesh, data, tokenizer, model, (restored) state and jitted steps."""
+  validation.check(config)  # before any I/O (cheap; callers may have checked already)
   enable_compilation_cache(config.compilation_cache_dir)
   fs.makedirs(workdir)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
-  pipeline.check_layout(config.data.layout)
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_check(config.train.batch_size, mesh)
   sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
-
-  tasks.check(config)
   tokenizer, data, pretrained = load_data(config, workdir)
   _log(
     f'corpus {config.data.name}: {data.description}; {tokenizer.kind} tokenizer, '
@@ -276,13 +273,11 @@ def setup(config, workdir: str) -> Run:
   if jax.process_index() == 0:  # with what the data decided (epochs, classes)
     config_lib.save(config, workdir)
   model = tasks.build_model(config, tokenizer)
-  plan = finetune.plan_for(config, model)
-  tx, schedule = train_state.make_optimizer(config.optimizer, config.train.num_steps, per_epoch)
-  if plan is not None:
-    tx = plan.wrap_optimizer(tx)
+  tx, schedule, plan = finetune.optimizer_and_plan(config, model, per_epoch)
+  carry_rows = train_state.carry_rows(config, model)
   model_params = train_state.abstract_params(model, config.data.seq_len, mesh)
   state, state_shardings, checkpoints = _restore_or_create_state(
-    config, workdir, model, tx, mesh, tokenizer, model_params, pretrained, plan
+    config, workdir, model, tx, mesh, tokenizer, model_params, carry_rows, pretrained, plan
   )
   num_params = models.count_params(model_params)
   _log(
@@ -299,10 +294,10 @@ def setup(config, workdir: str) -> Run:
     state_shardings,
     mesh,
     plan,
-    train_state.carry_rows(config, model),
+    carry_rows,
   )
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding, model_params)
-  carry_eval = train_state.carry_rows(config, model) > 0  # evaluate as it was trained
+  carry_eval = carry_rows > 0  # evaluate as it was trained
   evaluator = tasks.make_evaluator(
     config, data, model, tokenizer, param_shardings, mesh, carry_eval
   )
@@ -345,7 +340,6 @@ def compile_only(config) -> dict:
   sharding.batch_size_check(config.train.batch_size, mesh)
   vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
-  tasks.check(config)
   if config.task == 'classify' and not config.classify.num_classes:
     raise ValueError('--compile_only of a classifier needs --config.classify.num_classes')
   model = tasks.build_model(config, vocab)

@@ -163,12 +163,7 @@ def build(config, vocab: int):
   mesh = sharding.make_mesh(config.mesh)
   model = tasks.build_model(config, vocab)
   # An 'epochs' schedule needs the data's epoch length; any value times the same step.
-  tx, schedule = train_state.make_optimizer(
-    config.optimizer, config.train.num_steps, steps_per_epoch=1000
-  )
-  plan = finetune.plan_for(config, model)
-  if plan is not None:
-    tx = plan.wrap_optimizer(tx)
+  tx, schedule, plan = finetune.optimizer_and_plan(config, model, steps_per_epoch=1000)
   carry_rows = train_state.carry_rows(config, model)  # time the carried state too
   _, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows, plan)
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # as lmjax.train
