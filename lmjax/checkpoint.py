@@ -2,7 +2,9 @@
 
 Layout (`WORKDIR/checkpoints/<step>/`), as Orbax items:
   state/      the TrainState pytree {step, params, opt_state} (StandardSave)
-  config/     the resolved config (JSON)
+  config/     the config, as validated (JSON)
+  derived/    what the run derived from its data: vocabulary, length, classes
+              (JSON; lmjax.derived)
   tokenizer/  the tokenizer, model included (JSON; see lmjax.data.tokenizers)
 
 Resume order: the tokenizer is checked first (it fixes the vocabulary), then
@@ -21,11 +23,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from lmjax import config as config_lib
+from lmjax import derived as derived_lib
 from lmjax import fs
 from lmjax import storage
 from lmjax.data import tokenizers
 
-ITEMS = ('state', 'config', 'tokenizer')
+ITEMS = ('state', 'config', 'derived', 'tokenizer')
 
 
 def quiet_logs() -> None:
@@ -162,6 +165,7 @@ def _handlers(*extra: str) -> dict:
   return {
     'state': _state_handler(),
     'config': ocp.JsonCheckpointHandler(),
+    'derived': ocp.JsonCheckpointHandler(),
     'tokenizer': ocp.JsonCheckpointHandler(),
     **{item: ocp.JsonCheckpointHandler() for item in extra},
   }
@@ -210,6 +214,7 @@ def save(
   step: int,
   state,
   config_json: dict,
+  derived: derived_lib.Derived,
   tokenizer_json: dict,
   metrics: dict | None = None,
 ) -> None:
@@ -217,6 +222,7 @@ def save(
   items = dict(
     state=ocp.args.PyTreeSave(state),
     config=ocp.args.JsonSave(config_json),
+    derived=ocp.args.JsonSave(derived.to_json()),
     tokenizer=ocp.args.JsonSave(tokenizer_json),
   )
   if metrics is not None:  # the best-checkpoint manager records why it kept the step
@@ -373,9 +379,10 @@ def check_intact(checkpoints, step: int) -> None:
 
 
 def read_run(checkpoints, step: int):
-  """(config, tokenizer) that `step` was trained with."""
+  """(config, derived record, tokenizer) that `step` was trained with."""
   config = config_lib.from_json(read_json(checkpoints, step, 'config'))
-  return config, tokenizers.from_json(read_json(checkpoints, step, 'tokenizer'))
+  derived = derived_lib.Derived.from_json(read_json(checkpoints, step, 'derived'))
+  return config, derived, tokenizers.from_json(read_json(checkpoints, step, 'tokenizer'))
 
 
 def newest_intact(workdir: str, step: str, read, log=print, what: str = ''):

@@ -255,7 +255,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 16  # Global batch size (all hosts and devices).
   c.train.num_steps = 1000  # Optimizer steps (the schedule's length).
   c.train.microbatches = 1  # Gradient accumulation: microbatches per step (inside the jitted step).
-  c.train.num_epochs = 0  # > 0: train this many passes over the split (sets num_steps).
+  c.train.num_epochs = 0  # > 0: train this many passes over the split (instead of num_steps).
   c.train.carry_state = (
     True  # Recurrent models, stream layout: carry the hidden state across steps.
   )
@@ -265,6 +265,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_at = 0  # Stop with a checkpoint at this step, to resume later (0 = num_steps).
   c.train.log_every = 50  # Steps between progress lines and metric records.
   c.train.eval_every = 250  # Steps between evaluations (0 = only at the end).
+  # > 0: trace this many steps after the first (which compiles) with jax.profiler,
+  # into WORKDIR/tensorboard (TensorBoard's Profile tab; needs tensorboard-plugin-profile).
+  c.train.profile_steps = 0
   # A train step, evaluation batch or save that makes no progress for this long
   # ends the run with an error naming the step and phase (a stuck collective);
   # the first step, which compiles, gets 4x. 0 = wait forever.

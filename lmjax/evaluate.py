@@ -4,9 +4,11 @@ checkpoint over any split, under the checkpoint's own tokenizer and cleaning.
     python -m lmjax.evaluate --workdir DIR [--step latest|best|N] [--split ...]
 """
 
+import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -16,6 +18,7 @@ from absl import flags
 from lmjax import checkpoint
 from lmjax import config as config_lib
 from lmjax import cpu_host
+from lmjax import derived as derived_lib
 from lmjax import distributed
 from lmjax import finetune
 from lmjax import sharding
@@ -24,25 +27,39 @@ from lmjax import train_state
 from lmjax.data import corpora
 
 
-def restore_for_inference(workdir: str, step: str = 'latest', log=print):
-  """Everything evaluation and sampling need from a checkpoint directory alone:
-  (config, tokenizer, model, params, step, mesh). Only the parameters are read,
-  onto a data-parallel mesh over the devices present, whatever mesh wrote them.
-  A LoRA run's adapters are merged into its base, read from its init_from."""
+@dataclasses.dataclass
+class Restored:
+  """A checkpoint read for inference: parameters on a data-parallel mesh over the
+  devices present, and what the run was trained with."""
+
+  config: Any
+  derived: derived_lib.Derived
+  tokenizer: Any
+  model: Any
+  params: Any
+  step: int
+  mesh: Any
+
+  @property
+  def task(self) -> tasks.Task:
+    return tasks.get(self.config.task)
+
+
+def restore_for_inference(workdir: str, step: str = 'latest', log=print) -> Restored:
+  """Everything evaluation and sampling need from a checkpoint directory alone.
+  Only the parameters are read, onto a data-parallel mesh over the devices
+  present, whatever mesh wrote them. A LoRA run's adapters are merged into its
+  base, read from its init_from."""
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
 
   def read(checkpoints, chosen):
-    config, tokenizer = checkpoint.read_run(checkpoints, chosen)
-    model = tasks.build_model(config, tokenizer)
-    return (
-      config,
-      tokenizer,
-      model,
-      _restore_model_params(config, model, checkpoints, chosen, mesh, log),
-    )
+    config, record, tokenizer = checkpoint.read_run(checkpoints, chosen)
+    model = tasks.get(config.task).build_model(config, record)
+    params = _restore_model_params(config, model, checkpoints, chosen, mesh, log)
+    return Restored(config, record, tokenizer, model, params, chosen, mesh)
 
-  _, chosen, (config, tokenizer, model, params) = checkpoint.newest_intact(workdir, step, read, log)
-  return config, tokenizer, model, params, chosen, mesh
+  _, _, restored = checkpoint.newest_intact(workdir, step, read, log)
+  return restored
 
 
 def _restore_model_params(config, model, checkpoints, step: int, mesh, log):
@@ -72,27 +89,35 @@ def evaluate_checkpoint(
   accuracy, tokens and bytes of a language model (mlm: of the masked
   positions); accuracy, precision, recall, F1 and ROC AUC of a classifier,
   exact over the whole split."""
-  config, tokenizer, model, params, chosen, mesh = restore_for_inference(workdir, step, log)
-  data = config.data
+  restored = restore_for_inference(workdir, step, log)
+  config, task = restored.config, restored.task
   for key, value in (data_overrides or {}).items():
-    data[key] = value
-  split = split or data.eval_split
-  config.train.eval_batch_size = batch_size or config.train.eval_batch_size
-  sharding.batch_size_check(config.train.eval_batch_size, mesh, '--batch_size')
-  task_data = tasks.load_evaluation(config, tokenizer, split)
-  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
-  carry = train_state.carry_rows(config, model) > 0
-  evaluator = tasks.make_evaluator(
-    config, task_data, model, tokenizer, param_shardings, mesh, carry
+    config.data[key] = value  # the restored copy: the evaluation's own data settings
+  split = split or config.data.eval_split
+  batch_size = batch_size or config.train.eval_batch_size
+  sharding.batch_size_check(batch_size, restored.mesh, '--batch_size')
+  task_data = task.load_evaluation(config, restored.derived, restored.tokenizer, split)
+  param_shardings = jax.tree.map(lambda leaf: leaf.sharding, restored.params)
+  carry = train_state.carry_rows(config, restored.model) > 0
+  evaluator = task.make_evaluator(
+    config,
+    restored.derived,
+    task_data,
+    restored.model,
+    restored.tokenizer,
+    param_shardings,
+    restored.mesh,
+    carry,
+    batch_size,
   )
-  result = evaluator(params, max_batches)
+  result = evaluator(restored.params, max_batches)
   result.update(
     {
-      'step': chosen,
+      'step': restored.step,
       'split': split,
-      'corpus': data.name,
+      'corpus': config.data.name,
       'task': config.task,
-      'tokenizer': tokenizer.fingerprint(),
+      'tokenizer': restored.tokenizer.fingerprint(),
       'model': config.model.family,
     }
   )

@@ -20,7 +20,7 @@ from lmjax.models import recurrent
 
 def make_eval_fn(model, tokenizer, param_shardings, mesh):
   """A jitted eval step for `model`: (params, batch, carry) -> (metric sums, carry)."""
-  token_bytes = np.zeros(model.vocab_size, np.int32)
+  token_bytes = np.zeros(model.config.vocab_size, np.int32)
   token_bytes[: tokenizer.vocab_size] = tokenizer.token_bytes()
   step = functools.partial(steps.eval_step, model=model, token_bytes=jnp.asarray(token_bytes))
   batch_sharding = sharding.batch_sharding(mesh)

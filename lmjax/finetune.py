@@ -248,12 +248,13 @@ def plan_for(config, model) -> Plan | None:
   return Plan.for_model(config.finetune, prefix, pretrained_names(params, prefix), params, specs)
 
 
-def optimizer_and_plan(config, model, steps_per_epoch: int):
-  """(optimizer, schedule, plan) of the run: the configured optimizer, wrapped by
-  the fine-tuning plan when there is one (None otherwise)."""
+def optimizer_and_plan(config, model, derived):
+  """(optimizer, schedule, plan) of the run: the configured optimizer over the
+  derived record's length (lmjax.derived), wrapped by the fine-tuning plan when
+  there is one (None otherwise)."""
   plan = plan_for(config, model)
   tx, schedule = train_state.make_optimizer(
-    config.optimizer, config.train.num_steps, steps_per_epoch
+    config.optimizer, derived.num_steps, derived.steps_per_epoch
   )
   if plan is not None:
     tx = plan.wrap_optimizer(tx)
@@ -282,7 +283,7 @@ def open_pretrained(init_from: str, log=print) -> Pretrained:
   """The checkpoint of `init_from` (the newest intact one for 'latest'), with the
   config and tokenizer it was trained with."""
   workdir, step = parse_init_from(init_from)
-  checkpoints, chosen, (config, tokenizer) = checkpoint.newest_intact(
+  checkpoints, chosen, (config, _, tokenizer) = checkpoint.newest_intact(
     workdir, step, checkpoint.read_run, log, what='init_from: '
   )
   return Pretrained(workdir, chosen, config, tokenizer, checkpoints)

@@ -24,13 +24,14 @@ from lmjax import evaluate
 
 def merge(workdir: str, output: str, step: str = 'latest', log=print) -> int:
   """Writes the merged checkpoint of `workdir`'s `step` under `output`; returns the step."""
-  config, tokenizer, _, params, chosen, _ = evaluate.restore_for_inference(workdir, step, log)
+  restored = evaluate.restore_for_inference(workdir, step, log)
+  config, chosen = restored.config, restored.step
   if not (config.init_from and config.finetune.mode == 'lora'):
     raise checkpoint.CheckpointError(
       f'{workdir} is not a LoRA run (init_from={config.init_from!r}, '
       f'finetune.mode={config.finetune.mode!r}): nothing to merge'
     )
-  config.init_from = ''
+  config.init_from = ''  # the restored copy becomes the merged run's config
   config.finetune.mode = 'full'
   checkpoints = checkpoint.manager(output)
   if chosen in checkpoints.all_steps():
@@ -40,9 +41,10 @@ def merge(workdir: str, output: str, step: str = 'latest', log=print) -> int:
   checkpoint.save(
     checkpoints,
     chosen,
-    {'step': jax.numpy.asarray(chosen), 'params': params},
+    {'step': jax.numpy.asarray(chosen), 'params': restored.params},
     json.loads(config_lib.to_json(config)),
-    tokenizer.to_json(),
+    restored.derived,
+    restored.tokenizer.to_json(),
   )
   checkpoints.wait_until_finished()
   checkpoints.close()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import fs
+from lmjax import models
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -74,13 +75,12 @@ def flops_per_token(model, num_params: int) -> float:
   backbone.
   """
   model = getattr(model, 'backbone', model)
-  if getattr(model, 'recurrent', False):
-    lookup = 0 if model.tie_embeddings else model.vocab_size * model.embed_dim
+  c = model.config
+  if models.is_recurrent(model):
+    lookup = 0 if c.tie_embeddings else c.vocab_size * c.embed_dim
     return 6.0 * (num_params - lookup)
-  matmul_params = num_params - (
-    model.max_len * model.embed_dim if getattr(model, 'positions', '') == 'learned' else 0
-  )
-  attention = 12 * model.num_layers * model.max_len * model.embed_dim
+  matmul_params = num_params - (c.max_len * c.embed_dim if c.positions == 'learned' else 0)
+  attention = 12 * c.num_layers * c.max_len * c.embed_dim
   return 6.0 * matmul_params + attention
 
 

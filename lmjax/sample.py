@@ -23,6 +23,7 @@ from absl import flags
 from lmjax import checkpoint
 from lmjax import cpu_host
 from lmjax import evaluate
+from lmjax import models
 from lmjax.data import cleaning
 from lmjax.models import recurrent as recurrent_lib
 
@@ -77,7 +78,7 @@ def _generate_recompute(
   there a function of that row's own last max_len tokens; a row still inside
   its prompt keeps the prompt's token."""
   del eos_id
-  window = min(model.max_len, total_len)
+  window = min(model.config.max_len, total_len)
 
   def body(position, buffer):
     start = jnp.maximum(position - window, 0)
@@ -111,7 +112,7 @@ def _generate_stepwise(
   prompt (the first prompt_lens[i] tokens of buffer) and then generates; the loop
   stops when every row has generated `eos_id` or the buffer is full."""
   rows = buffer.shape[0]
-  recurrent = getattr(model, 'recurrent', False)
+  recurrent = models.is_recurrent(model)
   if recurrent:
     state = recurrent_lib.initial_carry(model, rows)
   else:
@@ -191,8 +192,8 @@ def generate(
   buffer = np.zeros((len(prompts), total_len), np.int32)
   for row, p in enumerate(prompts):
     buffer[row, : len(p)] = p
-  recurrent = getattr(model, 'recurrent', False)
-  fits = recurrent or model.positions == 'rope' or total_len <= model.max_len
+  recurrent = models.is_recurrent(model)
+  fits = recurrent or model.config.positions == 'rope' or total_len <= model.config.max_len
   loop = (
     _generate_recompute if not recurrent and (not use_cache or not fits) else (_generate_stepwise)
   )
@@ -264,12 +265,18 @@ def _main(argv):
   cpu_host.prepare()
   flag_values = flags.FLAGS
   try:
-    config, tokenizer, model, params, step, _ = evaluate.restore_for_inference(
+    restored = evaluate.restore_for_inference(
       flag_values.workdir, flag_values.step, log=lambda m: print(m, file=sys.stderr)
     )
   except checkpoint.ERRORS as error:
     sys.exit(f'error: {error}')
-  if config.task != 'lm':
+  config, tokenizer, model, params = (
+    restored.config,
+    restored.tokenizer,
+    restored.model,
+    restored.params,
+  )
+  if not restored.task.generates_text:
     sys.exit(
       f'error: {flag_values.workdir} trained task={config.task!r} '
       f'(model.family={config.model.family!r}); only a causal language model '
@@ -296,7 +303,7 @@ def _main(argv):
   except ValueError as error:
     sys.exit(str(error))
   for i, text in enumerate(texts):
-    print(f'--- sample {i} (step {step}) ---\n{text}')
+    print(f'--- sample {i} (step {restored.step}) ---\n{text}')
 
 
 def run():

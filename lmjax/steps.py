@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lmjax import models
 from lmjax import sharding
 
 
@@ -37,7 +38,7 @@ def apply_model(model, params, batch, carry=None, **kwargs):
   """(logits, carry) for a batch. Packed batches also carry positions and
   segment_ids; recurrent models take the previous carry (None = zeros) and the
   batch's `reset` rows, and return the next carry (a Transformer's is None)."""
-  if getattr(model, 'recurrent', False):
+  if models.is_recurrent(model):
     return model.apply(
       {'params': params}, batch['inputs'], carry=carry, reset=batch.get('reset'), **kwargs
     )
@@ -217,57 +218,93 @@ def make_train_step(config, model, schedule, plan=None):
   )
 
 
-def jit_train_step(step_fn, state_shardings, mesh):
-  """The mesh path: one jitted step over global arrays with explicit shardings."""
-  replicated = sharding.replicated(mesh)
-  return jax.jit(
-    step_fn,
-    in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=0,
-  )
+class MeshStep:
+  """The mesh path: one step jitted over global arrays with explicit shardings.
+
+  Both paths offer the same three calls, so the loop, the save path and
+  evaluation have no parallelism branch: `place(local)` turns this process'
+  rows into the step's batch, `step(state, batch, rng)` trains, and
+  `global_state(state)` gives the state as global arrays on the mesh (what
+  checkpoints, evaluation and sampling take)."""
+
+  def __init__(self, step_fn, state_shardings, mesh):
+    self.mesh = mesh
+    replicated = sharding.replicated(mesh)
+    self.jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    )
+
+  def place(self, local_batch: dict) -> dict:
+    return sharding.make_global_batch(local_batch, self.mesh)
+
+  def __call__(self, state, batch, rng):
+    with sharding.rules_and_mesh(self.mesh):
+      return self.jitted(state, batch, rng)
+
+  def lower(self, state, batch, rng):
+    with sharding.rules_and_mesh(self.mesh):
+      return self.jitted.lower(state, batch, rng)
+
+  def global_state(self, state):
+    return state
 
 
-def pmap_train_step(step_fn, state):
+class PmapStep:
   """The pmap path, a thin wrapper over the same step: the state replicated on
   this host's devices, each device a slice of the host's rows, gradients summed
-  across all devices by `psum`. Returns (replicated state, step taking
-  host-local numpy batches)."""
-  devices = jax.local_devices()
-  pmapped = jax.pmap(
-    functools.partial(step_fn, axis_name='devices'),
-    axis_name='devices',
-    in_axes=(0, 0, None),
-    donate_argnums=0,
-  )
+  across all devices by `psum`."""
 
-  def step(state, local_batch, rng):
-    per_device = {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local_batch.items()}
-    state, metrics = pmapped(state, per_device, rng)
+  def __init__(self, step_fn, state_shardings):
+    self.devices = jax.local_devices()
+    self.state_shardings = state_shardings
+    self.pmapped = jax.pmap(
+      functools.partial(step_fn, axis_name='devices'),
+      axis_name='devices',
+      in_axes=(0, 0, None),
+      donate_argnums=0,
+    )
+    self.per_device = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(self.devices), ('devices',)), jax.sharding.PartitionSpec('devices')
+    )
+
+  def replicate(self, state):
+    """A global (or host) state as one replica per local device."""
+    count = len(self.devices)
+    return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(x, (count,) + np.shape(x)), self.per_device),
+      sharding.host_copy(state),
+    )
+
+  def place(self, local_batch: dict) -> dict:
+    count = len(self.devices)
+    return {k: v.reshape(count, -1, *v.shape[1:]) for k, v in local_batch.items()}
+
+  def __call__(self, state, batch, rng):
+    state, metrics = self.pmapped(state, batch, rng)
     return state, jax.tree.map(lambda x: x[0], metrics)
 
-  per_device = jax.sharding.NamedSharding(
-    jax.sharding.Mesh(np.array(devices), ('devices',)), jax.sharding.PartitionSpec('devices')
-  )
-  replicas = jax.tree.map(
-    lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), per_device),
-    sharding.host_copy(state),
-  )
-  return replicas, step
+  def lower(self, state, batch, rng):
+    return self.pmapped.lower(state, batch, rng)
+
+  def global_state(self, state):
+    return jax.device_put(sharding.host_copy(state), self.state_shardings)
 
 
 def build_train_step(
   config, model, schedule, state, state_shardings, mesh, plan=None, carry_rows: int = 0
 ):
   """(state, step) as `config.parallelism` runs them: the state as created, with a
-  step jitted over the mesh; or the state replicated per device, with a pmapped
-  step. A pmapped step takes host-local batches, a mesh step global ones."""
+  MeshStep; or the state replicated per device, with a PmapStep."""
   step_fn = make_train_step(config, model, schedule, plan)
   if config.parallelism != 'pmap':
-    return state, jit_train_step(step_fn, state_shardings, mesh)
+    return state, MeshStep(step_fn, state_shardings, mesh)
   if carry_rows:
     raise ValueError(
       "parallelism='pmap' does not carry recurrent state: use the mesh "
       "path (parallelism='mesh') or train.carry_state=False"
     )
-  return pmap_train_step(step_fn, state)
+  step = PmapStep(step_fn, state_shardings)
+  return step.replicate(state), step

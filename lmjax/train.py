@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -25,10 +24,12 @@ from absl import flags
 from lmjax import checkpoint
 from lmjax import config as config_lib
 from lmjax import cpu_host
+from lmjax import derived as derived_lib
 from lmjax import distributed
 from lmjax import finetune
 from lmjax import fs
 from lmjax import locks
+from lmjax import loop
 from lmjax import metrics as metrics_lib
 from lmjax import models
 from lmjax import sample
@@ -43,114 +44,43 @@ from lmjax.data import pipeline
 from lmjax.data import tokenizers
 
 
-def _log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return (
-    f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
-    if seconds >= 3600
-    else (f'{seconds // 60}m{seconds % 60:02d}s')
-  )
-
-
-class _Progress:
-  """Metrics of finished steps, fetched to the host one step late, and throughput."""
-
-  def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
-    self.tokens_per_step, self.flops_per_step, self.peak = (
-      tokens_per_step,
-      flops_per_step,
-      peak_flops,
-    )
-    self.pending = []  # (step, device metrics) not yet on the host
-    self.finished = []  # host metrics since the last summary
-    self.window_start = None
-
-  def add(self, step: int, device_metrics) -> None:
-    self.pending.append((step, device_metrics))
-
-  def fetch(self, keep_last: bool = True) -> None:
-    """Moves pending metrics to the host (all, or all but the step in flight)
-    and stops loudly if a loss or gradient went non-finite."""
-    ready = self.pending[:-1] if keep_last else self.pending
-    self.pending = self.pending[-1:] if keep_last else []
-    for (step, _), m in zip(ready, jax.device_get([m for _, m in ready])):
-      if not np.isfinite(m['loss_sum']) or not np.isfinite(m['grad_norm']):
-        raise FloatingPointError(
-          f'loss or gradient is not finite at step {step + 1} '
-          f'(loss_sum={m["loss_sum"]}, grad_norm={m["grad_norm"]}); '
-          'stopping without saving a checkpoint'
-        )
-      self.finished.append(m)
-
-  def summary(self) -> dict | None:
-    """Means over the fetched steps since the last summary."""
-    values, self.finished = self.finished, []
-    if not values:
-      return None
-    sums = {k: sum(float(m[k]) for m in values) for k in ('loss_sum', 'correct_sum', 'weight_sum')}
-    return {
-      'loss': sums['loss_sum'] / max(sums['weight_sum'], 1.0),
-      'accuracy': sums['correct_sum'] / max(sums['weight_sum'], 1.0),
-      'grad_norm': float(values[-1]['grad_norm']),
-      'learning_rate': float(values[-1]['learning_rate']),
-    }
-
-  def exclude(self, seconds: float) -> None:
-    """Leaves `seconds` (an evaluation, a save) out of the current speed window."""
-    if self.window_start is not None:
-      self.window_start += seconds
-
-  def throughput(self, steps_done: int) -> dict:
-    now = time.perf_counter()
-    result = {}
-    if self.window_start is not None and steps_done > 0:
-      step_s = (now - self.window_start) / steps_done
-      result = {
-        'step_ms': 1e3 * step_s,
-        'tokens_per_sec': self.tokens_per_step / step_s,
-        'mfu': self.flops_per_step / step_s / self.peak,
-      }
-    self.window_start = now
-    return result
-
-
-def load_data(config, workdir):
+def load_data(config, workdir, task: tasks.Task):
   """(tokenizer, task data, pre-training run or None). Fine-tuning takes the
   pre-trained tokenizer; otherwise the workdir's, or a new one."""
   pretrained = None
   if config.init_from:
-    pretrained = finetune.open_pretrained(config.init_from, _log)
+    pretrained = finetune.open_pretrained(config.init_from, loop.log)
     finetune.check_tokenizer_config(pretrained, config.tokenizer)
   train_texts = lambda: pipeline.texts(config.data, config.data.train_split)
   tokenizer = tokenizers.for_run(
     config.tokenizer, workdir, train_texts, pretrained.tokenizer if pretrained else None
   )
-  return tokenizer, tasks.load(config, tokenizer), pretrained
+  return tokenizer, task.load(config, tokenizer), pretrained
 
 
 @dataclasses.dataclass
 class Run:
   """Everything a training run wires together, built once by `setup`."""
 
-  config: Any
+  config: Any  # as validated; never written to (what the data decides is in `derived`)
+  derived: derived_lib.Derived
+  task: tasks.Task
   workdir: str
   mesh: Any
   tokenizer: Any
   data: tasks.TaskData
   model: Any
-  state: Any
+  state: Any  # in the train step's layout (a pmap run: one replica per device)
   checkpoints: Any
-  train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
+  train_step: Any  # steps.MeshStep or steps.PmapStep
   evaluate: Any  # (params, max_batches) -> metrics
   num_params: int
-  state_shardings: Any
   plan: Any = None  # finetune.Plan when fine-tuning
   best_loss: float = float('inf')  # of the checkpoint kept in checkpoints_best/
+
+  def train_batches(self, start_step: int):
+    """This process' rows of the batches of steps start_step + 1, ..."""
+    return self.task.train_batches(self.config, self.data, start_step)
 
   def model_params(self):
     """The parameters the model runs with (LoRA: adapters merged into the frozen
@@ -161,11 +91,8 @@ class Run:
     return cpu_host.settle(_jit_assemble(self.plan)(state.params, state.frozen))
 
   def global_state(self):
-    """The state as global arrays on the mesh (a pmap run keeps a replicated copy
-    per device; checkpoints, evaluation and sampling take this layout)."""
-    if self.config.parallelism != 'pmap':
-      return self.state
-    return jax.device_put(sharding.host_copy(self.state), self.state_shardings)
+    """The state as global arrays on the mesh, whatever the step's layout."""
+    return self.train_step.global_state(self.state)
 
   def keep_if_best(self, step: int, result: dict) -> None:
     """Saves `step` apart (WORKDIR/checkpoints_best) if its evaluation is the best yet."""
@@ -179,8 +106,9 @@ class Run:
     best.close()
 
   def save(self, step: int, checkpoints=None, metrics: dict | None = None) -> None:
-    """Saves `step` (state, config, tokenizer) to `checkpoints` (the run's manager).
-    Saves are asynchronous: a failure of the one before surfaces here."""
+    """Saves `step` (state, config, derived record, tokenizer) to `checkpoints`
+    (the run's manager). Saves are asynchronous: a failure of the one before
+    surfaces here."""
     checkpoints = checkpoints or self.checkpoints
     with checkpoint.save_errors(checkpoints, step):
       checkpoint.save(
@@ -188,6 +116,7 @@ class Run:
         step,
         self.global_state().replace(frozen=None),  # LoRA: the base is init_from's
         json.loads(config_lib.to_json(self.config)),
+        self.derived,
         self.tokenizer.to_json(),
         metrics=metrics,
       )
@@ -222,20 +151,20 @@ def _restore_or_create_state(
       checkpoint.check_tokenizer(candidates, step, tokenizer)
       return checkpoint.restore_state(candidates, step, abstract.replace(frozen=None))
 
-    restored = checkpoint.resume_point(workdir, read, _log)
+    restored = checkpoint.resume_point(workdir, read, loop.log)
     checkpoints.reload()  # damaged steps may have been moved aside
   if restored is not None:
     latest, state = restored
     if abstract.frozen is not None:  # LoRA: every pre-trained parameter is frozen
       state = state.replace(frozen=finetune.nest(plan.prefix, backbone))
-    _log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
+    loop.log(f'resumed from checkpoint step {latest} in {checkpoint.directory(workdir)}')
   else:
     init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     state = train_state.create_state(
       model, tx, seq_len, state_shardings, init_rng, carry_rows, plan, backbone
     )
     if pretrained is not None:
-      _log(f'fine-tuning ({plan.mode}) from {pretrained.describe()}')
+      loop.log(f'fine-tuning ({plan.mode}) from {pretrained.describe()}')
   return state, state_shardings, checkpoints
 
 
@@ -251,8 +180,10 @@ def enable_compilation_cache(directory: str) -> None:
 
 
 def setup(config, workdir: str) -> Run:
-  """Config -> mesh, data, tokenizer, model, (restored) state and jitted steps."""
+  """Config -> mesh, data, tokenizer, derived record, model, (restored) state and
+  the jitted steps. The config is only read."""
   validation.check(config)  # before any I/O (cheap; callers may have checked already)
+  task = tasks.get(config.task)
   enable_compilation_cache(config.compilation_cache_dir)
   fs.makedirs(workdir)
   if jax.process_index() == 0:
@@ -260,49 +191,44 @@ def setup(config, workdir: str) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_check(config.train.batch_size, mesh)
   sharding.batch_size_check(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
-  tokenizer, data, pretrained = load_data(config, workdir)
-  _log(
+  tokenizer, data, pretrained = load_data(config, workdir, task)
+  record = task.derive(config, tokenizer, data)
+  loop.log(
     f'corpus {config.data.name}: {data.description}; {tokenizer.kind} tokenizer, '
-    f'vocabulary {tokenizer.vocab_size}; {data.baseline_name} {data.baseline:.3f}'
+    f'vocabulary {tokenizer.vocab_size}; {task.baseline_name} {data.baseline:.3f}'
   )
-
-  per_epoch = data.steps_per_epoch(config)
   if config.train.num_epochs > 0:
-    config.train.num_steps = config.train.num_epochs * per_epoch
-    _log(f'{config.train.num_epochs} epochs of {per_epoch} steps: {config.train.num_steps} steps')
-  if jax.process_index() == 0:  # with what the data decided (epochs, classes)
-    config_lib.save(config, workdir)
-  model = tasks.build_model(config, tokenizer)
-  tx, schedule, plan = finetune.optimizer_and_plan(config, model, per_epoch)
+    loop.log(
+      f'{config.train.num_epochs} epochs of {record.steps_per_epoch} steps: '
+      f'{record.num_steps} steps'
+    )
+  if jax.process_index() == 0:
+    record.save(workdir)
+  model = task.build_model(config, record)
+  tx, schedule, plan = finetune.optimizer_and_plan(config, model, record)
   carry_rows = train_state.carry_rows(config, model)
   model_params = train_state.abstract_params(model, config.data.seq_len, mesh)
   state, state_shardings, checkpoints = _restore_or_create_state(
     config, workdir, model, tx, mesh, tokenizer, model_params, carry_rows, pretrained, plan
   )
   num_params = models.count_params(model_params)
-  _log(
+  loop.log(
     f'model {config.model.family} ({config.task}): {num_params:,} parameters, '
     f'{trainable_count(state, plan):,} trainable; mesh {dict(mesh.shape)} on '
     f'{jax.device_count()} {jax.devices()[0].platform} device(s)'
   )
-
   state, train_step = steps.build_train_step(
-    config,
-    model,
-    schedule,
-    state,
-    state_shardings,
-    mesh,
-    plan,
-    carry_rows,
+    config, model, schedule, state, state_shardings, mesh, plan, carry_rows
   )
   param_shardings = jax.tree.map(lambda leaf: leaf.sharding, model_params)
   carry_eval = carry_rows > 0  # evaluate as it was trained
-  evaluator = tasks.make_evaluator(
-    config, data, model, tokenizer, param_shardings, mesh, carry_eval
+  evaluator = task.make_evaluator(
+    config, record, data, model, tokenizer, param_shardings, mesh, carry_eval
   )
   return Run(
     config=config,
+    derived=record,
+    task=task,
     workdir=workdir,
     mesh=mesh,
     tokenizer=tokenizer,
@@ -313,7 +239,6 @@ def setup(config, workdir: str) -> Run:
     train_step=train_step,
     evaluate=evaluator,
     num_params=num_params,
-    state_shardings=state_shardings,
     plan=plan,
     best_loss=checkpoint.best_loss(workdir),
   )
@@ -338,41 +263,26 @@ def compile_only(config) -> dict:
   validation.check(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_check(config.train.batch_size, mesh)
+  task = tasks.get(config.task)
   vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
   seq_len, batch_size = config.data.seq_len, config.train.batch_size
-  if config.task == 'classify' and not config.classify.num_classes:
-    raise ValueError('--compile_only of a classifier needs --config.classify.num_classes')
-  model = tasks.build_model(config, vocab)
+  record = task.from_shapes(config, vocab)
+  model = task.build_model(config, record)
   tx, schedule = train_state.make_optimizer(
-    config.optimizer, config.train.num_steps, steps_per_epoch=1
+    config.optimizer, record.num_steps, record.steps_per_epoch
   )  # shapes only
   carry_rows = train_state.carry_rows(config, model)
   abstract, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
   batch_sharding = sharding.batch_sharding(mesh)
   batch = {
     name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-    for name, (shape, dtype) in tasks.batch_shapes(config, batch_size).items()
+    for name, (shape, dtype) in task.batch_shapes(config, batch_size).items()
   }
   start = time.perf_counter()
-  with sharding.rules_and_mesh(mesh):
-    compiled = (
-      steps.jit_train_step(steps.make_train_step(config, model, schedule), shardings, mesh)
-      .lower(abstract, batch, jax.random.key(0))
-      .compile()
-    )
+  step = steps.MeshStep(steps.make_train_step(config, model, schedule), shardings, mesh)
+  compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-
-  def per_device_bytes(tree):
-    return int(
-      sum(
-        np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-        for leaf in jax.tree.leaves(tree)
-      )
-    )
-
-  gib = lambda n: round(n / 2**30, 4)
-  report = {
+  return {
     'mesh': dict(mesh.shape),
     'devices': jax.device_count(),
     'platform': jax.devices()[0].platform,
@@ -380,170 +290,42 @@ def compile_only(config) -> dict:
     'params': models.count_params(abstract.params),
     'compile_s': round(compile_s, 2),
     'per_device_gib': {
-      'params': gib(per_device_bytes(abstract.params)),
-      'optimizer_state': gib(per_device_bytes(abstract.opt_state)),
+      'params': _gib(_per_device_bytes(abstract.params)),
+      'optimizer_state': _gib(_per_device_bytes(abstract.opt_state)),
+      **_memory_report(compiled.memory_analysis()),
     },
   }
-  if memory is not None:
-    report['per_device_gib'].update(
-      {
-        'arguments': gib(memory.argument_size_in_bytes),
-        'outputs': gib(memory.output_size_in_bytes),
-        'temporaries': gib(memory.temp_size_in_bytes),
-        'aliased': gib(memory.alias_size_in_bytes),
-        'peak_estimate': gib(
-          memory.argument_size_in_bytes
-          + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes
-          - memory.alias_size_in_bytes
-        ),
-      }
+
+
+def _gib(n: int) -> float:
+  return round(n / 2**30, 4)
+
+
+def _per_device_bytes(tree) -> int:
+  return int(
+    sum(
+      np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+      for leaf in jax.tree.leaves(tree)
     )
-  return report
-
-
-def _train_record(progress: _Progress, step: int, last_step: int, steps_timed: int) -> dict:
-  """The train metrics and speed of the window ending at `step`; prints a progress line."""
-  fetched = progress.summary()
-  speed = progress.throughput(steps_timed)
-  record = {f'perf/{k}': v for k, v in speed.items()}
-  if fetched:
-    record.update(
-      {
-        'train/loss': fetched['loss'],
-        'train/accuracy': fetched['accuracy'],
-        'train/grad_norm': fetched['grad_norm'],
-        'train/learning_rate': fetched['learning_rate'],
-      }
-    )
-    eta = speed.get('step_ms', 0.0) * (last_step - step) / 1e3
-    _log(
-      f'step {step}/{last_step} | loss {fetched["loss"]:.4f} | lr '
-      f'{fetched["learning_rate"]:.2e} | {speed.get("tokens_per_sec", 0):,.0f} tok/s | '
-      f'{speed.get("step_ms", 0):.1f} ms/step | MFU {100 * speed.get("mfu", 0):.1f}% | '
-      f'ETA {_format_seconds(eta)}'
-    )
-  return record
-
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to resume.
-
-
-class Preempted(Exception):
-  """Training stopped at a SIGTERM after saving a checkpoint at `step`."""
-
-
-class _Preemption:
-  """Has a preemption notice (SIGTERM) arrived? Single process: our own SIGTERM
-  handler sets a flag, read after each step (the step in flight finishes first).
-  Multi-process: Orbax's preemption sync point (JAX's coordination service),
-  which makes every process agree on the same step to save at."""
-
-  def __init__(self):
-    self.flag = False
-
-  def install(self) -> None:
-    if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, 'flag', True))
-
-  def reached(self, step: int, checkpoints) -> bool:
-    if jax.process_count() == 1:
-      return self.flag
-    return bool(checkpoints.reached_preemption(step))
-
-
-preemption = _Preemption()
-
-
-def _train(
-  run: Run, writer: metrics_lib.MetricWriter, guard: watchdog.Watchdog
-) -> tuple[int, float]:
-  """Runs the steps from the state's step to the last one; returns (start step, seconds).
-
-  The record of step N holds the mean train metrics of steps N - log_every + 1 .. N
-  (so a resumed run logs what an uninterrupted one does) and is written once step
-  N + 1 is dispatched: the host never waits on the step in flight.
-  """
-  config, mesh = run.config, run.mesh
-  seq_len, batch_size, log_every = (
-    config.data.seq_len,
-    config.train.batch_size,
-    config.train.log_every,
   )
-  last_step = min(config.train.num_steps, config.train.stop_at or config.train.num_steps)
-  start_step = int(sharding.host_copy(run.state.step))
-  tokens_per_step = batch_size * seq_len
-  progress = _Progress(
-    tokens_per_step,
-    metrics_lib.flops_per_token(run.model, run.num_params) * tokens_per_step,
-    metrics_lib.measure_peak_flops(),
-  )
-  batches = run.data.train_batches(config, start_step)
-  dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  eval_records = {}  # step -> eval metrics, written with that step's train record
-  run_start = time.perf_counter()
-  steps_timed = 0
 
-  def write(step, record):
-    writer.write(step, {**record, **eval_records.pop(step, {})})
 
-  pmap = config.parallelism == 'pmap'
-  for step in range(start_step, last_step):
-    first = 4 * config.train.phase_timeout_s if step == start_step else None  # compiles
-    with guard.phase('train step', step + 1, first):
-      batch = next(batches) if pmap else sharding.make_global_batch(next(batches), mesh)
-      with sharding.rules_and_mesh(None if pmap else mesh):
-        run.state, step_metrics = cpu_host.settle(run.train_step(run.state, batch, dropout_rng))
-    progress.add(step, step_metrics)
-    done, is_last = step + 1, step + 1 == last_step
-    steps_timed += 1
-    if step == start_step:
-      jax.block_until_ready(step_metrics)
-      _log(
-        f'step {done}: compiled and ran the first train step in '
-        f'{time.perf_counter() - run_start:.1f}s'
-      )
-      progress.throughput(0)
-      steps_timed = 0
-    if step > start_step and step % log_every == 0:  # Step `step` has finished: log it.
-      with guard.phase('train step', step):
-        progress.fetch(keep_last=True)
-      write(step, _train_record(progress, step, last_step, steps_timed - 1))
-      steps_timed = 1
-    if config.train.eval_every and done % config.train.eval_every == 0 and not is_last:
-      with guard.phase('train step', done):
-        jax.block_until_ready(run.state)  # The step in flight is training time.
-      eval_start = time.perf_counter()
-      with guard.phase('evaluation', done):
-        result = run.evaluate(run.model_params(), config.train.eval_batches)
-      eval_records[done] = {f'eval/{k}': v for k, v in result.items()}
-      run.keep_if_best(done, result)
-      _log(f'step {done}: eval {tasks.describe(result)}')
-      if done % log_every:
-        write(done, {})
-      progress.exclude(time.perf_counter() - eval_start)  # Evaluation is not training time.
-    with guard.phase('preemption check', done):
-      preempted = preemption.reached(done, run.checkpoints)
-    if done % config.checkpoint.every == 0 or is_last or preempted:
-      with guard.phase('train step', done):
-        progress.fetch(keep_last=False)  # Never save a state whose loss went non-finite.
-      save_start = time.perf_counter()
-      with guard.phase('save', done):
-        run.save(done)
-      progress.exclude(time.perf_counter() - save_start)
-    if preempted:
-      with guard.phase('save', done):
-        run.finish_saves()
-      _log(
-        f'preempted (SIGTERM): saved a checkpoint at step {done}; exiting with status '
-        f'{PREEMPTED_EXIT_CODE}; start the same command again to resume'
-      )
-      raise Preempted(done)
-  if last_step > start_step:
-    with guard.phase('train step', last_step):
-      progress.fetch(keep_last=False)
-    write(last_step, _train_record(progress, last_step, last_step, steps_timed))
-  return start_step, time.perf_counter() - run_start
+def _memory_report(memory) -> dict:
+  """The compiler's per-device figures (none where the backend gives none)."""
+  if memory is None:
+    return {}
+  return {
+    'arguments': _gib(memory.argument_size_in_bytes),
+    'outputs': _gib(memory.output_size_in_bytes),
+    'temporaries': _gib(memory.temp_size_in_bytes),
+    'aliased': _gib(memory.alias_size_in_bytes),
+    'peak_estimate': _gib(
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes
+      - memory.alias_size_in_bytes
+    ),
+  }
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -557,7 +339,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     lock.acquire()
   guard = watchdog.Watchdog(config.train.phase_timeout_s, config.train.sigterm_grace_s)
   try:
-    preemption.install()
+    loop.preemption.install()
     with guard:
       return _train_and_evaluate(config, workdir, guard)
   finally:
@@ -568,38 +350,37 @@ def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
   run = setup(config, workdir)  # unbounded: preparing data may take long
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
-    start_step, seconds = _train(run, writer, guard)
-  except Preempted:
+    start_step, seconds = loop.Loop(run, writer, guard).run_steps()
+  except loop.Preempted:
     writer.close()
     run.checkpoints.close()
     raise
   final_step = int(sharding.host_copy(run.state.step))
   with guard.phase('save', final_step):
     run.finish_saves()
-  run.state = run.global_state()
   if final_step > start_step:
-    _log(
+    loop.log(
       f'trained steps {start_step + 1}..{final_step} in {seconds:.1f}s; checkpoint saved '
       f'at step {final_step}'
     )
   else:
-    _log(f'already trained to step {final_step}; evaluating the latest checkpoint')
+    loop.log(f'already trained to step {final_step}; evaluating the latest checkpoint')
   with guard.phase('final evaluation', final_step):
     params = run.model_params()
     result = run.evaluate(params, config.train.final_eval_batches)
-  result[run.data.baseline_key] = run.data.baseline
+  result[run.task.baseline_key] = run.data.baseline
   writer.write(final_step, {f'final_eval/{k}': v for k, v in result.items()})
   writer.close()
-  _log(
-    f'final eval ({config.data.eval_split}): {tasks.describe(result)} '
-    f'({run.data.baseline_name} {run.data.baseline:.3f})'
+  loop.log(
+    f'final eval ({config.data.eval_split}): {run.task.describe(result)} '
+    f'({run.task.baseline_name} {run.data.baseline:.3f})'
   )
-  if config.sample.max_new_tokens > 0 and config.task == 'lm':
+  if config.sample.max_new_tokens > 0 and run.task.generates_text:
     with guard.phase('sampling', final_step):
       text = sample.sample_text(
         params, run.model, run.tokenizer, config.sample, clean_config=config.data.clean
       )[0]
-    _log(
+    loop.log(
       f'--- sample (temperature {config.sample.temperature}, top-k {config.sample.top_k}) '
       f'---\n{text}\n---'
     )
@@ -625,8 +406,8 @@ def _main(argv):
       print(json.dumps(compile_only(flag_values.config), indent=2))
       return
     train_and_evaluate(flag_values.config, flag_values.workdir)
-  except Preempted:
-    sys.exit(PREEMPTED_EXIT_CODE)
+  except loop.Preempted:
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
   except (
     config_lib.ConfigError,
     ValueError,

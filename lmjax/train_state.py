@@ -10,6 +10,7 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from lmjax import models
 from lmjax import sharding
 from lmjax.models import recurrent
 
@@ -104,11 +105,7 @@ def make_optimizer(
 def carry_rows(config, model) -> int:
   """Rows of hidden state a run carries from step to step: the global batch for a
   recurrent model trained on the `stream` layout with train.carry_state, else 0."""
-  if (
-    getattr(model, 'recurrent', False)
-    and config.data.layout == 'stream'
-    and config.train.carry_state
-  ):
+  if models.is_recurrent(model) and config.data.layout == 'stream' and config.train.carry_state:
     return config.train.batch_size
   return 0
 

@@ -25,7 +25,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 
 CHOICES = {
   'parallelism': steps.PARALLELISMS,
-  'task': tasks.TASKS,
+  'task': tasks.REGISTRY,  # read at each check: a task registered later is valid
   'data.layout': pipeline.LAYOUTS,
   'data.documents': tuple(corpora.DOCUMENT_UNITS),
   'data.invalid_utf8': ('error', 'replace'),
@@ -76,6 +76,10 @@ def check(config) -> None:
     value = _value(config, dotted)
     if not isinstance(value, int) or value < 1:
       raise config_lib.ConfigError(f'{dotted} must be a positive integer; got {value!r}')
+  for dotted in ('train.profile_steps', 'train.num_epochs', 'train.stop_at'):
+    value = _value(config, dotted)
+    if not isinstance(value, int) or value < 0:
+      raise config_lib.ConfigError(f'{dotted} must be a non-negative integer; got {value!r}')
   if not 0.0 <= config.model.dropout < 1.0:
     raise config_lib.ConfigError(f'model.dropout must be in [0, 1); got {config.model.dropout}')
   if config.train.num_steps < 1 and config.train.num_epochs < 1:

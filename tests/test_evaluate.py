@@ -127,7 +127,14 @@ def test_missing_and_damaged_checkpoints_name_the_step_and_path(fsdp_run, tmp_pa
 
 def test_restore_for_inference_reads_parameters_only(fsdp_run):
   workdir, _ = fsdp_run
-  config, tokenizer, model, params, step, mesh = evaluate.restore_for_inference(workdir, '20')
+  restored = evaluate.restore_for_inference(workdir, '20')
+  config, tokenizer, params, step, mesh = (
+    restored.config,
+    restored.tokenizer,
+    restored.params,
+    restored.step,
+    restored.mesh,
+  )
   assert step == 20 and tokenizer.kind == 'chars' and config.mesh.fsdp == 4
   assert set(params) >= {'embed', 'block_0', 'final_norm'}
   kernel = params['block_0']['attention']['qkv']['kernel']

@@ -23,7 +23,6 @@ from lmjax import checkpoint
 from lmjax import evaluate
 from lmjax import finetune
 from lmjax import merge
-from lmjax import tasks
 from lmjax import train
 from lmjax.data import tokenizers
 
@@ -163,10 +162,14 @@ def test_evaluate_writes_exact_classifier_metrics(runs, tmp_path):
   assert result['task'] == 'classify' and result['examples'] == 512
   for key in ('accuracy', 'f1_macro', 'precision', 'recall', 'roc_auc'):
     assert result[key] == pytest.approx(runs['full'][key], abs=1e-6)
-  config, tokenizer, model, params, _, mesh = evaluate.restore_for_inference(workdir)
-  data = tasks.load_evaluation(config, tokenizer, 'validation')
-  logits = model.apply(
-    {'params': params}, data.eval.rows['inputs'], segment_ids=data.eval.rows['segment_ids']
+  restored = evaluate.restore_for_inference(workdir)
+  data = restored.task.load_evaluation(
+    restored.config, restored.derived, restored.tokenizer, 'validation'
+  )
+  logits = restored.model.apply(
+    {'params': restored.params},
+    data.eval.rows['inputs'],
+    segment_ids=data.eval.rows['segment_ids'],
   )
   probabilities = np.asarray(jax.nn.softmax(logits))
   labels = data.eval.rows['targets']
@@ -180,7 +183,7 @@ def test_evaluate_writes_exact_classifier_metrics(runs, tmp_path):
 
 def _params(workdir, step=100):
   checkpoints = checkpoint.manager(workdir, read_only=True)
-  config, tokenizer, model, params, _, _ = evaluate.restore_for_inference(workdir, str(step))
+  params = evaluate.restore_for_inference(workdir, str(step)).params
   checkpoints.close()
   return params
 
@@ -214,14 +217,9 @@ def test_lora_trains_only_its_adapters(runs, tmp_path, capsys):
   )
   run = train.setup(config, str(tmp_path / 'lora_steps'))
   before = jax.device_get(run.state)
-  batches = run.data.train_batches(config, 0)
-  from lmjax import sharding
-
+  batches = run.train_batches(0)
   for _ in range(3):
-    with sharding.rules_and_mesh(run.mesh):
-      run.state, _ = run.train_step(
-        run.state, sharding.make_global_batch(next(batches), run.mesh), jax.random.key(0)
-      )
+    run.state, _ = run.train_step(run.state, run.train_step.place(next(batches)), jax.random.key(0))
   after = jax.device_get(run.state)
   pretrained = _params(runs['pretrain_dir'], 600)
   frozen_same = jax.tree.map(
@@ -430,9 +428,11 @@ def test_classifier_reads_a_tfds_corpus_and_its_label_names(corpus_dir, tmp_path
   )
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['examples'] == 256 and result['accuracy'] > 0.75, result
-  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
-  assert saved['classify']['label_names'] == 'clean,noisy'
-  assert saved['classify']['num_classes'] == 2
+  saved = json.loads((tmp_path / 'run' / 'derived.json').read_text())  # the tfds ClassLabel's
+  assert saved['label_names'] == ['clean', 'noisy']
+  assert saved['num_classes'] == 2
+  config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert config['classify']['label_names'] == '' and config['classify']['num_classes'] == 0
 
 
 def test_fine_tuning_errors_say_what_differs(runs, corpus_dir, tmp_path):

@@ -60,15 +60,19 @@ def test_text_labels_map_to_sorted_or_given_names_and_rows_are_encoded(tmp_path)
   )
   config = config_for(path, path)
   tokenizer = tokenizers.ByteTokenizer()
-  splits = labelled.load(config.data, config.classify, tokenizer, 32, ['train', 'validation'])
-  assert config.classify.label_names == 'a,b,c' and config.classify.num_classes == 3
+  before = config.to_json()
+  splits, classes = labelled.load(
+    config.data, config.classify, tokenizer, 32, ['train', 'validation']
+  )
+  assert classes == labelled.Classes(3, ('a', 'b', 'c'))
+  assert config.to_json() == before  # the classes are derived, the config is not written to
   rows = splits['train'].rows
   np.testing.assert_array_equal(rows['targets'], [1, 0, 2, 0])
   assert (rows['inputs'][:, 0] == tokenizer.eos_id).all()  # every row starts a document
   np.testing.assert_array_equal(rows['segment_ids'].sum(1), [4, 32, 1, 6])  # truncated at 32
   assert (rows['inputs'][rows['segment_ids'] == 0] == 0).all()
   config = config_for(path, path, **{'classify.label_names': 'c,b,a'})
-  splits = labelled.load(config.data, config.classify, tokenizer, 32, ['train'])
+  splits, _ = labelled.load(config.data, config.classify, tokenizer, 32, ['train'])
   np.testing.assert_array_equal(splits['train'].rows['targets'], [1, 2, 0, 2])
 
 

@@ -69,7 +69,7 @@ def test_causal_no_token_sees_the_future(fields):
   changed[:, 10:] = (changed[:, 10:] + 7) % 50
   logits = model.apply({'params': params}, jnp.asarray(tokens))
   logits_changed = model.apply({'params': params}, jnp.asarray(changed))
-  assert logits.shape == (2, 16, model.vocab_size)
+  assert logits.shape == (2, 16, model.config.vocab_size)
   np.testing.assert_allclose(logits[:, :10], logits_changed[:, :10], atol=1e-5)
   assert not np.allclose(logits[:, 10:], logits_changed[:, 10:], atol=1e-3)
 
@@ -109,7 +109,7 @@ def test_packed_document_does_not_see_its_neighbour(positions):
 
 def test_vocab_padding_rounds_up():
   assert models.padded_vocab_size(67, 64) == 128
-  assert models.build_model(model_config(vocab_multiple=8), 257, 16).vocab_size == 264
+  assert models.build_model(model_config(vocab_multiple=8), 257, 16).config.vocab_size == 264
 
 
 def test_bad_model_settings_are_named():

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import derived
 from lmjax import models
 from lmjax import sharding
 from lmjax import steps
@@ -67,18 +68,11 @@ def run(mesh_shape=(8, 1, 1), devices=None, **fields):
   state = train_state.create_state(model, tx, SEQ_LEN, shardings, jax.random.key(0))
   state, step = steps.build_train_step(config, model, schedule, state, shardings, mesh)
   losses = []
-  with sharding.rules_and_mesh(None if config.parallelism == 'pmap' else mesh):
-    for batch in batches():
-      if config.parallelism != 'pmap':
-        batch = sharding.make_global_batch(batch, mesh)
-      state, metrics = step(state, batch, jax.random.key(1))
-      losses.append(float(metrics['loss_sum'] / metrics['weight_sum']))
-  params = (
-    sharding.host_copy(state.params)
-    if config.parallelism == 'pmap'
-    else jax.device_get(state.params)
-  )
-  return losses, params, state
+  for batch in batches():  # one loop for both paths: the step places the batch
+    state, metrics = step(state, step.place(batch), jax.random.key(1))
+    losses.append(float(metrics['loss_sum'] / metrics['weight_sum']))
+  state = step.global_state(state)  # global arrays on the mesh, whatever the path
+  return losses, jax.device_get(state.params), state
 
 
 LSTM = {'model.family': 'lstm', 'model.hidden_dim': 64}  # data / fsdp for recurrent models
@@ -157,7 +151,8 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
   _, params, state = run(mesh_shape=(2, 4, 1))
   config = model_config()
   manager = checkpoint.manager(str(tmp_path), config.checkpoint)
-  checkpoint.save(manager, STEPS, state, {'model': 'tiny'}, {'kind': 'test'})
+  record = derived.Derived(vocab_size=60, steps_per_epoch=1, num_steps=100)
+  checkpoint.save(manager, STEPS, state, {'model': 'tiny'}, record, {'kind': 'test'})
   manager.wait_until_finished()
   model = models.build_model(config.model, 60, SEQ_LEN)
   tx, _ = train_state.make_optimizer(config.optimizer, 100)

@@ -120,9 +120,10 @@ def abstract_params_of(run_dir):
   from lmjax import tasks
   from lmjax import train_state
 
-  config, tokenizer = checkpoint.read_run(checkpoint.manager(str(run_dir), read_only=True), 20)
+  checkpoints = checkpoint.manager(str(run_dir), read_only=True)
+  config, record, _ = checkpoint.read_run(checkpoints, 20)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
-  model = tasks.build_model(config, tokenizer)
+  model = tasks.get(config.task).build_model(config, record)
   return train_state.abstract_params(model, config.data.seq_len, mesh)
 
 

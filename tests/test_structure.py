@@ -9,7 +9,6 @@ import pytest
 
 from conftest import REPO
 from conftest import tiny_config
-from lmjax import sharding
 from lmjax import train
 
 
@@ -52,16 +51,15 @@ def test_the_benchmark_times_the_step_training_runs(corpus_dir, tmp_path):
   state, bench_step, _, _, mesh = bench.build(config, run.tokenizer.vocab_size)
   batch = bench.random_batch(config, run.tokenizer.vocab_size, np.random.default_rng(0))
   assert set(batch) == {'inputs', 'targets', 'weights', 'segment_ids', 'positions'}
-  assert set(batch) == set(next(run.data.train_batches(config, 0)))  # training's batch keys
-  global_batch = sharding.make_global_batch(batch, mesh)
+  assert set(batch) == set(next(run.train_batches(0)))  # training's batch keys
+  global_batch = run.train_step.place(batch)
   rng = jax.random.key(1)
   # Both start from the parameters a new run starts from.
   np.testing.assert_array_equal(
     jax.device_get(jax.tree.leaves(state.params)[0]),
     jax.device_get(jax.tree.leaves(run.state.params)[0]),
   )
-  with sharding.rules_and_mesh(mesh):
-    _, from_bench = bench_step(state, global_batch, rng)
-    _, from_training = run.train_step(run.state, global_batch, rng)
+  _, from_bench = bench_step(state, global_batch, rng)
+  _, from_training = run.train_step(run.state, global_batch, rng)
   for name in ('loss_sum', 'weight_sum', 'grad_norm'):
     np.testing.assert_array_equal(np.asarray(from_bench[name]), np.asarray(from_training[name]))

@@ -38,8 +38,9 @@ def main(argv):
 
   cpu_host.prepare()  # as lmjax.sample does
   if flags.FLAGS.workdir:
-    config, tokenizer, model, params, _, _ = evaluate.restore_for_inference(flags.FLAGS.workdir)
-    vocab = tokenizer.vocab_size
+    restored = evaluate.restore_for_inference(flags.FLAGS.workdir)
+    config, model, params = restored.config, restored.model, restored.params
+    vocab = restored.tokenizer.vocab_size
   else:
     config = flags.FLAGS.config
     vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size

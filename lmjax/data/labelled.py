@@ -174,29 +174,40 @@ def encode(texts, labels: np.ndarray, tokenizer, seq_len: int, num_classes: int)
   )
 
 
-def load(data_config, classify_config, tokenizer, seq_len: int, splits) -> dict:
-  """{split: LabelledSplit} for the training split (first) and the others;
-  resolves classify.num_classes and classify.label_names in place from the
-  training split when they are not set."""
-  texts, raw, declared = read_split(data_config, classify_config, splits[0])
-  names = label_names(classify_config, raw, declared)
-  if names and not classify_config.label_names:
-    classify_config.label_names = ','.join(names)
-  if not classify_config.num_classes:
-    classify_config.num_classes = (
-      len(names) if names else int(max(int(str(label)) for label in raw)) + 1
-    )
-  num_classes = classify_config.num_classes
+@dataclasses.dataclass(frozen=True)
+class Classes:
+  """A classifier's classes: their count and names in class order (() when the
+  labels are integers, class indices already)."""
+
+  num_classes: int
+  names: tuple[str, ...] = ()
+
+
+def resolve_classes(data_config, classify_config, raw_labels, declared=None) -> Classes:
+  """The classes of a training split's labels: classify.num_classes when set,
+  else as many as the names, else the largest integer label + 1."""
+  names = label_names(classify_config, raw_labels, declared)
+  num_classes = classify_config.num_classes or (
+    len(names) if names else int(max(int(str(label)) for label in raw_labels)) + 1
+  )
   if num_classes < 2:
     raise corpora.CorpusError(
       f'the training split of {data_config.name!r} has a single class; '
       'classification needs at least 2 (classify.num_classes)'
     )
+  return Classes(num_classes, tuple(names))
+
+
+def load(
+  data_config, classify_config, tokenizer, seq_len: int, splits, classes: Classes | None = None
+) -> tuple[dict, Classes]:
+  """({split: LabelledSplit}, classes). Without `classes`, the first split is the
+  training split and resolves them (the config is not written to)."""
   result = {}
   for split in splits:
-    if split != splits[0]:
-      texts, raw, _ = read_split(data_config, classify_config, split)
-    result[split] = encode(
-      texts, label_ids(raw, names, num_classes, split), tokenizer, seq_len, num_classes
-    )
-  return result
+    texts, raw, declared = read_split(data_config, classify_config, split)
+    if classes is None:
+      classes = resolve_classes(data_config, classify_config, raw, declared)
+    ids = label_ids(raw, list(classes.names), classes.num_classes, split)
+    result[split] = encode(texts, ids, tokenizer, seq_len, classes.num_classes)
+  return result, classes

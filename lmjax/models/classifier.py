@@ -6,12 +6,11 @@ sit under 'backbone' with exactly the names a pre-training checkpoint holds,
 and fine-tuning restores them as they are; only 'head' is new.
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from lmjax.models import layers
+from lmjax.models import recurrent
 
 POOLINGS = ('mean', 'first', 'last')
 
@@ -23,12 +22,9 @@ class Classifier(nn.Module):
   token (a causal decoder's or a recurrent model's summary of the whole row:
   for an LSTM, its final state)."""
 
-  backbone: nn.Module
+  backbone: nn.Module  # a language model with a `config` (lmjax.models.model_config)
   num_classes: int
   pooling: str = 'mean'
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
@@ -36,7 +32,8 @@ class Classifier(nn.Module):
       raise ValueError(
         f'classify.pooling must be one of {", ".join(POOLINGS)} (or auto); got {self.pooling!r}'
       )
-    if getattr(self.backbone, 'recurrent', False):
+    c = self.backbone.config  # the head shares the backbone's dropout and dtypes
+    if recurrent.is_recurrent(self.backbone):
       hidden, _ = self.backbone(tokens, deterministic=deterministic, head=False)
     else:
       hidden = self.backbone(tokens, positions, segment_ids, deterministic, head=False)
@@ -50,19 +47,19 @@ class Classifier(nn.Module):
     else:  # Rows are padded on the right: the last valid token.
       last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
       pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    pooled = nn.Dropout(self.dropout)(pooled, deterministic=deterministic)  # [batch, embed]
+    pooled = nn.Dropout(c.dropout)(pooled, deterministic=deterministic)  # [batch, embed]
     logits = layers.Einsum(
       (pooled.shape[-1], self.num_classes),
       ('embed', 'classes'),
       'bd,dc->bc',
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
+      dtype=c.dtype,
+      param_dtype=c.param_dtype,
       name='head',
     )(pooled)
     bias = self.param(
       'head_bias',
       layers.partitioned(nn.initializers.zeros, ('classes',)),
       (self.num_classes,),
-      self.param_dtype,
+      c.param_dtype,
     )
     return (logits + bias).astype(jnp.float32)

@@ -22,14 +22,22 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.models import layers
+from lmjax.models import model_config
 
 CELLS = ('rnn', 'lstm', 'gru')
 _GATES = {'rnn': 1, 'lstm': 4, 'gru': 3}
 CARRY_AXES = (None, None, 'batch', None)  # logical axes of the carry
 
 
+def is_recurrent(model) -> bool:
+  """Recurrent models take and return a carry. A classifier is not, whatever its
+  backbone: it takes the Transformer's arguments and returns no carry."""
+  return getattr(model, 'recurrent', False)
+
+
 def carry_shape(model, batch_size: int) -> tuple[int, ...]:
-  return (model.num_layers, 2 if model.cell == 'lstm' else 1, batch_size, model.hidden_dim)
+  c = model.config
+  return (c.num_layers, 2 if c.family == 'lstm' else 1, batch_size, c.hidden_dim)
 
 
 def initial_carry(model, batch_size: int):
@@ -218,18 +226,10 @@ class RecurrentLayer(nn.Module):
 
 
 class RecurrentLM(nn.Module):
-  """Token ids [batch, length] (+ carry) -> (logits [batch, length, vocab], carry)."""
+  """Token ids [batch, length] (+ carry) -> (logits [batch, length, vocab], carry);
+  `config.family` is the cell."""
 
-  vocab_size: int
-  cell: str = 'lstm'
-  num_layers: int = 2
-  embed_dim: int = 200
-  hidden_dim: int = 200
-  dropout: float = 0.0
-  tie_embeddings: bool = False
-  init_scale: float = 0.0  # uniform(-s, s) for every parameter; 0 = 1/sqrt(hidden_dim)
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  config: model_config.ModelConfig
   recurrent = True  # class attribute: callers pass and receive a carry
 
   @nn.compact
@@ -237,15 +237,16 @@ class RecurrentLM(nn.Module):
     """(logits [batch, length, vocab], next carry); `head=False` returns the top
     layer's outputs [batch, length, hidden] instead of logits (a classifier's
     backbone: the output at a row's last token is its final state)."""
-    if self.cell not in CELLS:
-      raise ValueError(f'unknown recurrent cell {self.cell!r}; known: {", ".join(CELLS)}')
-    if self.tie_embeddings and self.embed_dim != self.hidden_dim:
+    c = self.config
+    if c.family not in CELLS:
+      raise ValueError(f'unknown recurrent cell {c.family!r}; known: {", ".join(CELLS)}')
+    if c.tie_embeddings and c.embed_dim != c.hidden_dim:
       raise ValueError(
-        f'model.tie_embeddings needs model.embed_dim ({self.embed_dim}) == '
-        f'model.hidden_dim ({self.hidden_dim})'
+        f'model.tie_embeddings needs model.embed_dim ({c.embed_dim}) == '
+        f'model.hidden_dim ({c.hidden_dim})'
       )
     batch = tokens.shape[0]
-    scale = self.init_scale or self.hidden_dim**-0.5
+    scale = c.init_scale or c.hidden_dim**-0.5
     init = nn.initializers.uniform(2 * scale)
     shifted = lambda key, shape, dtype: init(key, shape, dtype) - scale
     if carry is None:
@@ -253,54 +254,54 @@ class RecurrentLM(nn.Module):
     if reset is not None:  # rows that start a new epoch forget their state
       carry = carry * (1.0 - reset.astype(carry.dtype))[None, None, :, None]
     carry = nn.with_logical_constraint(carry, CARRY_AXES)
-    embed_init = shifted if self.init_scale else layers.default_init
+    embed_init = shifted if c.init_scale else layers.default_init
     embed = nn.Embed(
-      self.vocab_size,
-      self.embed_dim,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
+      c.vocab_size,
+      c.embed_dim,
+      dtype=c.dtype,
+      param_dtype=c.param_dtype,
       name='embed',
       embedding_init=layers.partitioned(embed_init, ('vocab', 'embed')),
     )
     time_major = tokens.T
     # Small vocabulary, no dropout on the embeddings: layer 0 projects the table.
-    lookup = (deterministic or not self.dropout) and self.vocab_size < tokens.size
+    lookup = (deterministic or not c.dropout) and c.vocab_size < tokens.size
     if lookup:
       embed(time_major[:1, :1])  # (creates the table on init)
-      x = jnp.asarray(embed.embedding, self.dtype)
+      x = jnp.asarray(embed.embedding, c.dtype)
     else:
-      x = nn.Dropout(self.dropout)(embed(time_major), deterministic=deterministic)
+      x = nn.Dropout(c.dropout)(embed(time_major), deterministic=deterministic)
     states = []
-    for i in range(self.num_layers):
+    for i in range(c.num_layers):
       x, state = RecurrentLayer(
-        self.cell,
-        self.hidden_dim,
+        c.family,
+        c.hidden_dim,
         scale,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
         name=f'layer_{i}',
       )(x, carry[i], time_major if lookup and i == 0 else None)
-      x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+      x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
       states.append(state)
     new_carry = jax.lax.stop_gradient(jnp.stack(states).astype(jnp.float32))
     x = jnp.swapaxes(x, 0, 1)  # batch-major before the (large) vocabulary projection
     if not head:
       return x, new_carry
-    if self.tie_embeddings:
+    if c.tie_embeddings:
       logits = embed.attend(x)
     else:
       kernel = self.param(
         'unembed',
         layers.partitioned(shifted, ('embed', 'vocab')),
-        (self.hidden_dim, self.vocab_size),
-        self.param_dtype,
+        (c.hidden_dim, c.vocab_size),
+        c.param_dtype,
       )
       bias = self.param(
         'unembed_bias',
-        layers.partitioned(nn.initializers.zeros if not self.init_scale else shifted, ('vocab',)),
-        (self.vocab_size,),
-        self.param_dtype,
+        layers.partitioned(nn.initializers.zeros if not c.init_scale else shifted, ('vocab',)),
+        (c.vocab_size,),
+        c.param_dtype,
       )
-      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
       logits = jnp.einsum('bth,hv->btv', x, kernel) + bias
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab')), new_carry

@@ -1,0 +1,83 @@
+"""`ModelConfig`: everything a model family's modules read, in one frozen object.
+
+The ml_collections section `config.model` is what a user sets; `ModelConfig`
+is what the Flax modules hold (as flax examples/lm1b's TransformerConfig and
+nanoGPT's GPTConfig do): resolved once (padded vocabulary, the encoder's
+[MASK], dtypes), frozen and hashable, since it is a field of every module.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+  multiple = max(1, int(multiple))
+  return -(-vocab_size // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The resolved model settings every module of a family reads (see lmjax.config
+  for what each setting means). Build it with `from_config`; the defaults are
+  those of lmjax.config's base config, for tests that construct one directly."""
+
+  vocab_size: int  # embedding rows: tokenizer's vocabulary (+1 [MASK] for 'encoder'), padded
+  max_len: int  # context: learned position table rows and the decode cache length
+  family: str = 'transformer'  # 'transformer', 'encoder', or a recurrent cell
+  num_layers: int = 4  # Transformer blocks / recurrent layers
+  num_heads: int = 4  # attention heads
+  embed_dim: int = 128  # residual stream width / recurrent models' embedding size
+  mlp_dim: int = 0  # MLP hidden width; 0 = `mlp_hidden_dim`'s default for `mlp`
+  mlp: str = 'gelu'  # 'gelu' or 'swiglu'
+  positions: str = 'learned'  # 'learned' or 'rope'
+  norm: str = 'layernorm'  # 'layernorm' or 'rmsnorm'
+  dropout: float = 0.0  # embeddings, residual branches / between recurrent layers
+  tie_embeddings: bool = True  # the output projection is the input embedding
+  remat: str = 'none'  # activation checkpointing of whole blocks (transformer.REMAT_POLICIES)
+  hidden_dim: int = 0  # recurrent hidden units per layer (from_config turns 0 into embed_dim)
+  init_scale: float = 0.0  # recurrent: uniform(-s, s) for every parameter; 0 = 1/sqrt(hidden)
+  dtype: Any = jnp.float32  # compute dtype
+  param_dtype: Any = jnp.float32  # parameter storage dtype
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size: int, max_len: int) -> 'ModelConfig':
+    """From the ml_collections section `config.model`; `vocab_size` is the
+    tokenizer's (the encoder adds [MASK] after it, then it is padded to
+    model.vocab_multiple)."""
+    if model_config.family == 'encoder':
+      vocab_size += 1  # [MASK]
+    return cls(
+      vocab_size=padded_vocab_size(vocab_size, model_config.vocab_multiple),
+      max_len=max_len,
+      family=model_config.family,
+      num_layers=model_config.num_layers,
+      num_heads=model_config.num_heads,
+      embed_dim=model_config.embed_dim,
+      mlp_dim=model_config.mlp_dim,
+      mlp=model_config.mlp,
+      positions=model_config.positions,
+      norm=model_config.norm,
+      dropout=model_config.dropout,
+      tie_embeddings=model_config.tie_embeddings,
+      remat=model_config.remat,
+      hidden_dim=model_config.hidden_dim or model_config.embed_dim,
+      init_scale=model_config.init_scale,
+      dtype=jnp.dtype(model_config.dtype),
+      param_dtype=jnp.dtype(model_config.param_dtype),
+    )
+
+  @property
+  def causal(self) -> bool:
+    # Derived, not a field, so that it cannot disagree with the family.
+    return self.family != 'encoder'
+
+  @property
+  def mlp_hidden_dim(self) -> int:
+    """The Transformer MLP's hidden width."""
+    if self.mlp_dim:
+      return self.mlp_dim
+    if self.mlp == 'swiglu':  # Same parameter count as a 4x GELU MLP.
+      return int(8 * self.embed_dim / 3 + 63) // 64 * 64
+    return 4 * self.embed_dim

@@ -1,0 +1,97 @@
+"""The interface every task implements, and what the tasks share.
+
+A task is a small stateless object; `lmjax.tasks.get(config.task)` returns the
+run's. The train loop, `lmjax.evaluate` and `--compile_only` call only these
+methods, so a new task is one new module registered in `lmjax/tasks/__init__.py`,
+with no edit in the loop, the evaluation or the steps. Every task trains with
+the same step (`steps.train_step`): a weighted cross-entropy of the model's
+logits against `targets` (one per token for a language model, one per row for
+a classifier), so the step needs no task switch either.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+from lmjax import derived as derived_lib
+from lmjax import models
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's training and evaluation splits (train is None when only
+  evaluating), its baseline (`Task.baseline_name`) and a log line about them."""
+
+  train: Any  # the task's split type: pipeline.TokenStream, labelled.LabelledSplit
+  eval: Any
+  baseline: float
+  description: str
+
+
+class Task:
+  """What a run learns: its data, batches, model, evaluation and baseline."""
+
+  name: str  # the value of config.task
+  baseline_name: str  # what TaskData.baseline measures, for the log
+  baseline_key: str  # its key in the final evaluation's metrics
+  generates_text: bool = False  # sample text at the end of training (lmjax.sample)
+
+  def check(self, config) -> None:
+    """Raises ValueError if the family or layout cannot serve this task (no I/O)."""
+
+  def load(self, config, tokenizer, splits: tuple[str, str] | None = None) -> TaskData:
+    """Reads the training and evaluation splits (`splits` overrides the config's)."""
+    raise NotImplementedError
+
+  def load_evaluation(self, config, derived: derived_lib.Derived, tokenizer, split) -> TaskData:
+    """Only the split to evaluate, with what the training split derived."""
+    raise NotImplementedError
+
+  def steps_per_epoch(self, config, data: TaskData) -> int:
+    raise NotImplementedError
+
+  def derive(self, config, tokenizer, data: TaskData) -> derived_lib.Derived:
+    """The run's derived record, from the config and the loaded data."""
+    per_epoch = self.steps_per_epoch(config, data)
+    return derived_lib.Derived(
+      vocab_size=tokenizer.vocab_size,
+      steps_per_epoch=per_epoch,
+      num_steps=derived_lib.num_steps(config, per_epoch),
+    )
+
+  def from_shapes(self, config, vocab_size: int) -> derived_lib.Derived:
+    """The record of a run compiled or benchmarked without data: the configured
+    length, an epoch counted as one step."""
+    return derived_lib.Derived(vocab_size, 1, derived_lib.num_steps(config, 1))
+
+  def train_batches(self, config, data: TaskData, start_step: int) -> Iterator[dict]:
+    """This process' rows of the batches of steps start_step, start_step + 1, ..."""
+    raise NotImplementedError
+
+  def batch_shapes(self, config, batch_size: int) -> dict:
+    """{name: (shape, dtype)} of a training batch (for compiling without data)."""
+    raise NotImplementedError
+
+  def build_model(self, config, derived: derived_lib.Derived):
+    """The run's Flax module."""
+    return models.build_model(config.model, derived.vocab_size, config.data.seq_len)
+
+  def make_evaluator(
+    self,
+    config,
+    derived: derived_lib.Derived,
+    data: TaskData,
+    model,
+    tokenizer,
+    param_shardings,
+    mesh,
+    carry: bool = False,
+    batch_size: int = 0,
+  ) -> Callable[[Any, int], dict]:
+    """(params, max_batches) -> metrics of `data.eval` (batch_size 0: the config's)."""
+    raise NotImplementedError
+
+  def describe(self, result: dict) -> str:
+    """One log line's worth of an evaluation."""
+    raise NotImplementedError
