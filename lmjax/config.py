@@ -155,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = 'python_stdlib'  # tfds corpus name ('python_stdlib' is embedded), or 'files'.
   c.data.text_key = 'text'  # Text feature of the tfds corpus.
   c.data.data_dir = ''  # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # Token stores (lmjax.data.store): every split tokenized once, reused by later runs;
+  # '' = DATA_DIR/lmjax_tokens inside the tfds data_dir (so on gs:// on TPU).
+  c.data.cache_dir = ''
+  c.data.store_shards = 4  # Shards of each split's token store (the unit of parallel preparation).
   c.data.manual_dir = ''  # Local copies of a tfds corpus' downloads, to build it offline.
   c.data.download = True  # Let tfds download a corpus that is not prepared (False = fail at once).
   c.data.train_split = 'train'  # Split (tfds split syntax) to train on.
@@ -204,7 +208,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.model_file = ''  # sentencepiece: a given .model ('' = train one on train_split).
   c.tokenizer.vocab_size = 4096  # sentencepiece: vocabulary size to train.
   c.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'.
-  c.tokenizer.sample_chars = 10_000_000  # sentencepiece: characters of training text to learn from.
+  c.tokenizer.sample_chars = 10_000_000  # Characters of training text a vocabulary is built from.
   c.tokenizer.word_split = (
     'whitespace'  # words: 'whitespace' (pre-tokenized, PTB) or 'punctuation'.
   )

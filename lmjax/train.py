@@ -44,9 +44,10 @@ from lmjax.data import pipeline
 from lmjax.data import tokenizers
 
 
-def load_data(config, workdir, task: tasks.Task):
+def load_data(config, workdir, task: tasks.Task | None = None):
   """(tokenizer, task data, pre-training run or None). Fine-tuning takes the
   pre-trained tokenizer; otherwise the workdir's, or a new one."""
+  task = task or tasks.get(config.task)
   pretrained = None
   if config.init_from:
     pretrained = finetune.open_pretrained(config.init_from, loop.log)

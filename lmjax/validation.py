@@ -48,6 +48,7 @@ CHOICES = {
 
 POSITIVE = (
   'data.seq_len',
+  'data.store_shards',
   'train.batch_size',
   'train.eval_batch_size',
   'train.log_every',

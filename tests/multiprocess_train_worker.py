@@ -32,8 +32,9 @@ def main():
   distributed.initialize(f'127.0.0.1:{port}', 2, int(process_id), timeout=120)
   import jax
 
+  stores = {'data.cache_dir': f'{workdir}_stores'}  # fresh: the two prepare it together
   result = train.train_and_evaluate(
-    tiny_config(pathlib.Path(corpus_dir), **TRAIN_OVERRIDES), workdir
+    tiny_config(pathlib.Path(corpus_dir), **TRAIN_OVERRIDES, **stores), workdir
   )
   with open(output, 'w') as f:
     json.dump(

@@ -95,8 +95,17 @@ def test_two_processes_train_like_one_process_and_restore_on_one_device(corpus_d
     (1, 2, 8),
   ]
   assert results[0]['result'] == results[1]['result']  # both evaluated the same model
-  # One process with 8 devices: the same loss curve.
-  config = tiny_config(corpus_dir, **TRAIN_OVERRIDES)
+  # Each process prepared its share of the token store's shards (under its share's lock).
+  store_dir = next((tmp_path / 'two_stores' / 'files').glob('train-*'))
+  assert sorted(p.name for p in store_dir.glob('.prepare-*')) == [
+    '.prepare-0-of-2.lock',
+    '.prepare-1-of-2.lock',
+  ]
+  assert (store_dir / 'manifest.json').is_file()
+  # One process with 8 devices, reading the store the two prepared: the same loss curve.
+  config = tiny_config(
+    corpus_dir, **TRAIN_OVERRIDES, **{'data.cache_dir': str(tmp_path / 'two_stores')}
+  )
   single = train.train_and_evaluate(config, str(tmp_path / 'one'))
   curve = lambda d: [
     (r['step'], r['train/loss']) for r in metrics.read_metrics(str(d)) if 'train/loss' in r

@@ -211,7 +211,7 @@ def _tfds_documents(data_config, split: str) -> tf.data.Dataset:
 def check_text_file(path: str, invalid_utf8: str = 'error') -> None:
   """Raises CorpusError if `path` is empty, binary, or (unless invalid_utf8 is
   'replace') not valid UTF-8."""
-  with open(path, 'rb') as f:
+  with tf.io.gfile.GFile(path, 'rb') as f:  # local or gs://
     raw = f.read()
   if not raw.strip():
     raise CorpusError(f'{path}: file is empty (no text to train on)')
@@ -229,10 +229,18 @@ def check_text_file(path: str, invalid_utf8: str = 'error') -> None:
     ) from None
 
 
-def _glob(pattern: str, what: str) -> list[str]:
-  paths = sorted(
+def glob_files(pattern: str) -> list[str]:
+  """The files a glob matches, sorted: through tf.io.gfile for URLs (gs://...),
+  Python's glob (with **) for local paths."""
+  if '://' in pattern:
+    return sorted(p for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p))
+  return sorted(
     p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
   )
+
+
+def _glob(pattern: str, what: str) -> list[str]:
+  paths = glob_files(pattern)
   if not paths:
     raise CorpusError(f'{what}={pattern!r} matched no file')
   return paths

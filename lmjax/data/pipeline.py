@@ -1,12 +1,13 @@
-"""tf.data input pipeline: documents -> tokens -> fixed-length examples -> batches.
+"""Input pipeline: documents (tf.data) -> tokens -> fixed-length examples -> batches.
 
 Each split is tokenized once into one stream (documents joined by the
-end-of-document token), then laid out as examples of `seq_len` tokens in one
-of three layouts (`data.layout`):
+end-of-document token), kept in its token store (lmjax.data.store), then
+laid out as examples of `seq_len` tokens in one of three layouts
+(`data.layout`):
 
   windows  windows of the stream (crossing document boundaries, as nanoGPT
-           does); every epoch visits them in its own seeded permutation with
-           its own random offset.
+           does); every epoch visits them in its own keyed permutation
+           (computed one index at a time) with its own random offset.
   packed   each document (a leading end-of-document token as its first input,
            the end-of-document token as its last target) greedily packed into
            rows, with `segment_ids` (1, 2, ... per row; 0 = padding) and
@@ -17,14 +18,16 @@ of three layouts (`data.layout`):
            continue each row where the previous step stopped (stateful
            recurrent training), and `reset` marks the first step of an epoch.
 
-Training batches are a pure function of (seed, step), computed by tf.data from
-the step number. A run resumed at step k therefore reads exactly the batches
-an uninterrupted run reads at steps k, k+1, ..., with no iterator state to
-save and no replay of the k earlier batches; the checkpoint's step *is* the
-pipeline's position. Each process keeps only its rows of every global batch.
+Training batches are a pure function of (seed, step), computed from the step
+number (numpy, on a background thread), reading only this process' rows. A
+run resumed at step k therefore reads exactly the batches an uninterrupted run
+reads at steps k, k+1, ..., with no iterator state to save and no replay of
+the k earlier batches; the checkpoint's step *is* the pipeline's position.
 """
 
 import dataclasses
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,6 +35,8 @@ import tensorflow as tf
 
 from lmjax.data import cleaning
 from lmjax.data import corpora
+from lmjax.data import index_shuffle
+from lmjax.data import store
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
 LAYOUTS = ('windows', 'packed', 'stream')
@@ -47,6 +52,7 @@ class TokenStream:
   num_bytes: int  # UTF-8 bytes of the text the tokens encode.
   doc_starts: np.ndarray | None = None  # [num_documents + 1] offsets (None = one document)
   eos_id: int = 0  # The end-of-document token (starts every packed document).
+  unigram_counts: np.ndarray | None = None  # [vocab] token counts, when the store has them
   _packed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def document_offsets(self) -> np.ndarray:
@@ -63,12 +69,40 @@ class TokenStream:
 
 def texts(data_config, split: str) -> Iterator[str]:
   """The split's documents as cleaned Python strings (too-short ones dropped)."""
-  dataset = corpora.documents(data_config, split).batch(_ENCODE_BATCH).prefetch(2)
+  # Whole files can be large: read them one at a time (memory bounded by a file).
+  whole_files = data_config.name == 'files' and not data_config.documents
+  batch = 1 if whole_files else _ENCODE_BATCH
+  dataset = corpora.documents(data_config, split).batch(batch).prefetch(2)
   for batch in dataset.as_numpy_iterator():
     for raw in batch:
       text = cleaning.clean(raw.decode('utf-8', errors='replace'), data_config.clean)
       if cleaning.keep(text, data_config.clean):
         yield text
+
+
+def stored_split(
+  data_config, tokenizer, split: str, log=print, share: tuple[int, int] = (0, 1)
+) -> TokenStream:
+  """The split's token stream read from its token store (lmjax.data.store),
+  which is prepared first if it is missing (this process preparing its `share`
+  of the shards): a run that restarts reads its tokens instead of tokenizing
+  the split again, and reads only the windows it trains on. With one shard,
+  equal token for token to `tokenize_split`."""
+  path, manifest, prepared = store.ensure(
+    data_config, split, tokenizer, lambda: texts(data_config, split), share, log
+  )
+  log(
+    f'token store {"prepared" if prepared else "reused"} for split {split!r}: '
+    f'{manifest["tokens"]:,} tokens in {manifest["documents"]:,} documents ({path})'
+  )
+  return TokenStream(
+    tokens=store.Tokens(path, manifest),
+    num_documents=manifest['documents'],
+    num_bytes=manifest['bytes'],
+    doc_starts=store.document_offsets(path, manifest),
+    eos_id=int(tokenizer.eos_id),
+    unigram_counts=np.asarray(manifest['unigrams'], np.int64),
+  )
 
 
 def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
@@ -224,17 +258,6 @@ def _too_small(stream: TokenStream, seq_len: int, global_batch: int, layout: str
   )
 
 
-def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.private_threadpool_size = 2  # XLA needs the cores more.
-  # Every buffer and parallelism here is fixed, so autotuning has nothing to tune, and
-  # its model thread, which sleeps up to 60 s between optimisations, could hold up
-  # the iterator's destructor that long (seen at the end of training: 8-53 s).
-  options.autotune.enabled = False
-  return dataset.prefetch(4).with_options(options)
-
-
 @dataclasses.dataclass(frozen=True)
 class Masking:
   """BERT-style masking for the masked-LM objective (Devlin et al. 2019): each
@@ -309,70 +332,103 @@ def train_batches(
   weights (float32); `packed` adds segment_ids and positions, `stream` adds
   reset [rows] (1.0 on the first step of an epoch). With `masking`, inputs are
   masked and the targets are the unmasked inputs (the masked-LM objective).
+
+  Batch k is a function of (seed, k) alone, computed for this process' rows
+  only: each epoch visits every window once in the order of a keyed
+  permutation computed one index at a time (lmjax.data.index_shuffle), so
+  nothing of the size of the corpus is built, and the windows are read from
+  the stream (a token store's memory-mapped shards) by random access.
   """
   rows = _local_rows(global_batch, process_index, process_count)
   per_epoch = require_steps_per_epoch(stream, seq_len, global_batch, layout)
   if layout == 'stream':
     if masking is not None:
       raise ValueError("the masked-LM objective reads 'windows' or 'packed' rows, not 'stream'")
-    return _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch)
+    return _prefetched(_stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch))
   if layout == 'packed':
     return row_batches(
       stream.packed(seq_len), global_batch, seed, start_step, process_index, process_count, masking
     )
   count = windows_per_epoch(len(stream.tokens), seq_len)
-  tokens = tf.constant(stream.tokens)
 
-  def examples_of_epoch(epoch):
-    order, epoch_seed = _epoch_order(seed, epoch, count)
-    offset = tf.random.stateless_uniform([], seed=epoch_seed + 1, maxval=seq_len, dtype=tf.int64)
-    return tf.data.Dataset.from_tensor_slices(order * seq_len + offset)
-
-  def gather(starts):
-    index = starts[rows.start : rows.stop, None] + tf.range(seq_len + 1, dtype=tf.int64)[None, :]
-    window = tf.gather(tokens, index)
+  def batch_of_step(step):
+    epochs, order = _epoch_order(seed, step, global_batch, count, rows)
+    starts = order * seq_len + _epoch_offset(seed, epochs, seq_len)
+    window = _windows(stream.tokens, starts, seq_len + 1)
     return {
       'inputs': window[:, :-1],
       'targets': window[:, 1:],
-      'weights': tf.ones([rows.stop - rows.start, seq_len], tf.float32),
+      'weights': np.ones([len(starts), seq_len], np.float32),
     }
 
-  return _epochs(examples_of_epoch, count, gather, global_batch, seed, start_step, rows, masking)
+  return _batches(batch_of_step, seed, start_step, rows, global_batch, masking)
 
 
-def _epoch_order(seed: int, epoch, count: int):
-  epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-  order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=epoch_seed)
-  return order, epoch_seed
+def _epoch_order(seed: int, step: int, global_batch: int, count: int, rows: slice):
+  """(epoch, example) of this process' rows of batch `step`: examples flow epoch
+  after epoch, each epoch in its own keyed order over [0, count)."""
+  position = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+  epochs, within = np.divmod(position, count)
+  order = np.empty_like(within)
+  for epoch in np.unique(epochs):
+    chosen = epochs == epoch
+    order[chosen] = index_shuffle.permute(within[chosen], count, (seed, int(epoch)))
+  return epochs, order
 
 
-def _epochs(
-  examples_of_epoch,
-  count: int,
-  gather,
-  global_batch: int,
-  seed: int,
-  start_step: int,
-  rows: slice,
-  masking: Masking | None,
-):
-  """Batches of `global_batch` examples (epoch after epoch, each in its own order)
-  from `start_step` on, gathered (this process' rows) and optionally masked."""
-  first_epoch, skip = divmod(start_step * global_batch, count)
-  dataset = (
-    tf.data.Dataset.range(first_epoch, 2**62)
-    .flat_map(examples_of_epoch)
-    .skip(skip)
-    .batch(global_batch, drop_remainder=True)
-    .map(gather, num_parallel_calls=1)
-  )
-  if masking is not None:
-    dataset = tf.data.Dataset.zip(tf.data.Dataset.range(start_step, 2**62), dataset).map(
-      lambda step, batch: masking.apply(
-        batch, tf.stack([tf.constant(seed, tf.int64), step]), rows, global_batch
-      )
-    )
-  return _deterministic(dataset).as_numpy_iterator()
+def _epoch_offset(seed: int, epochs: np.ndarray, seq_len: int) -> np.ndarray:
+  """Each epoch's offset in [0, seq_len) of its window grid."""
+  keys = [index_shuffle.round_keys((seed, int(epoch), 1))[0] for epoch in epochs]
+  return (np.asarray(keys, np.uint64) % np.uint64(seq_len)).astype(np.int64)
+
+
+def _windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
+  """[len(starts), length] int32 windows of an in-memory or stored stream."""
+  if isinstance(tokens, np.ndarray):
+    return tokens[starts[:, None] + np.arange(length)].astype(np.int32)
+  return tokens.windows(starts, length)
+
+
+def _batches(batch_of_step, seed, start_step, rows, global_batch, masking) -> Iterator[dict]:
+  """batch_of_step(k) for k = start_step, ..., masked when asked, made ahead of
+  the consumer on a background thread."""
+
+  def generate():
+    step = start_step
+    while True:
+      batch = batch_of_step(step)
+      if masking is not None:
+        masked = masking.apply(batch, [seed, step], rows, global_batch)
+        batch = {k: np.asarray(v) for k, v in masked.items()}
+      yield batch
+      step += 1
+
+  return _prefetched(generate())
+
+
+def _prefetched(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:
+  """`batches`, produced up to `depth` ahead on a daemon thread (numpy and the
+  memory maps release the GIL for the copies that dominate)."""
+  ready = queue.Queue(maxsize=depth)
+
+  def produce():
+    try:
+      for batch in batches:
+        ready.put(batch)
+    except BaseException as error:  # handed to the consumer, raised there
+      ready.put(_Failure(error))
+
+  threading.Thread(target=produce, daemon=True, name='lmjax-batches').start()
+  while True:
+    batch = ready.get()
+    if isinstance(batch, _Failure):
+      raise batch.error
+    yield batch
+
+
+@dataclasses.dataclass
+class _Failure:
+  error: BaseException
 
 
 def row_batches(
@@ -392,36 +448,28 @@ def row_batches(
     raise corpora.CorpusError(
       f'the training split has {count} examples; one batch needs {global_batch}'
     )
-  constants = {k: tf.constant(v) for k, v in examples.items()}
 
-  def examples_of_epoch(epoch):
-    return tf.data.Dataset.from_tensor_slices(_epoch_order(seed, epoch, count)[0])
+  def batch_of_step(step):
+    _, order = _epoch_order(seed, step, global_batch, count, rows)
+    return {k: np.asarray(v[order]) for k, v in examples.items()}
 
-  def gather(ids):
-    return {k: tf.gather(v, ids[rows.start : rows.stop]) for k, v in constants.items()}
-
-  return _epochs(examples_of_epoch, count, gather, global_batch, seed, start_step, rows, masking)
+  return _batches(batch_of_step, seed, start_step, rows, global_batch, masking)
 
 
 def _stream_batches(stream, seq_len, global_batch, start_step, rows, per_epoch):
   row_len = (len(stream.tokens) - 1) // global_batch
-  tokens = tf.constant(stream.tokens)
-  row_starts = tf.range(rows.start, rows.stop, dtype=tf.int64) * row_len
-  span = tf.range(seq_len + 1, dtype=tf.int64)
-
-  def batch_of_step(step):
+  row_starts = np.arange(rows.start, rows.stop, dtype=np.int64) * row_len
+  step = start_step
+  while True:
     position = step % per_epoch
-    window = tf.gather(tokens, row_starts[:, None] + position * seq_len + span[None, :])
-    num_rows = rows.stop - rows.start
-    return {
+    window = _windows(stream.tokens, row_starts + position * seq_len, seq_len + 1)
+    yield {
       'inputs': window[:, :-1],
       'targets': window[:, 1:],
-      'weights': tf.ones([num_rows, seq_len], tf.float32),
-      'reset': tf.fill([num_rows], tf.cast(position == 0, tf.float32)),
+      'weights': np.ones([len(row_starts), seq_len], np.float32),
+      'reset': np.full([len(row_starts)], float(position == 0), np.float32),
     }
-
-  dataset = tf.data.Dataset.range(start_step, 2**62).map(batch_of_step, num_parallel_calls=1)
-  return _deterministic(dataset).as_numpy_iterator()
+    step += 1
 
 
 def eval_batches(
@@ -487,29 +535,43 @@ def eval_row_batches(
 def _eval_windows(
   stream: TokenStream, seq_len: int, global_batch: int, max_batches: int, rows: slice
 ) -> Iterator[dict]:
+  """The stream cut into `global_batch` rows of windows_per_row windows (padded
+  past its end with weight 0), read a batch at a time."""
   tokens = stream.tokens
-  num_windows = -(-(len(tokens) - 1) // seq_len)
+  num_tokens = len(tokens)
+  num_windows = -(-(num_tokens - 1) // seq_len)
   windows_per_row = -(-num_windows // global_batch)
   row_len = windows_per_row * seq_len
-  padded = np.zeros(global_batch * row_len + 1, np.int32)
-  weights = np.zeros(global_batch * row_len, np.float32)
-  padded[: len(tokens)] = tokens
-  weights[: len(tokens) - 1] = 1.0
-  inputs = padded[:-1].reshape(global_batch, windows_per_row, seq_len)[rows]
-  targets = padded[1:].reshape(global_batch, windows_per_row, seq_len)[rows]
-  weights = weights.reshape(global_batch, windows_per_row, seq_len)[rows]
+  row_starts = np.arange(rows.start, rows.stop, dtype=np.int64) * row_len
   num_batches = windows_per_row if max_batches < 0 else min(windows_per_row, max_batches)
   for i in range(num_batches):
+    starts = row_starts + i * seq_len
+    window = np.zeros([len(starts), seq_len + 1], np.int32)
+    for r, start in enumerate(starts.tolist()):  # a batch's rows, each one read
+      piece = tokens[start : min(start + seq_len + 1, num_tokens)]
+      window[r, : len(piece)] = piece
+    valid = np.arange(seq_len)[None, :] + starts[:, None] < num_tokens - 1
     yield {
-      'inputs': inputs[:, i],
-      'targets': targets[:, i],
-      'weights': weights[:, i],
-      'reset': np.full([len(inputs)], float(i == 0), np.float32),
+      'inputs': window[:, :-1],
+      'targets': window[:, 1:],
+      'weights': valid.astype(np.float32),
+      'reset': np.full([len(starts)], float(i == 0), np.float32),
     }
+
+
+def stream_unigram_entropy(stream: TokenStream, vocab_size: int) -> float:
+  """`unigram_entropy` of the stream, from the store's counts when it has them."""
+  if stream.unigram_counts is not None:
+    return _entropy(stream.unigram_counts)
+  return unigram_entropy(stream.tokens, vocab_size)
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
   """Entropy (nats/token) of the stream's unigram distribution: a baseline loss."""
-  counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+  return _entropy(np.bincount(tokens, minlength=vocab_size))
+
+
+def _entropy(counts: np.ndarray) -> float:
+  counts = np.asarray(counts, np.float64)
   probs = counts[counts > 0] / counts.sum()
   return float(-(probs * np.log(probs)).sum())

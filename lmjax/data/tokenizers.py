@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 import numpy as np
@@ -221,6 +222,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_proto: bytes):
     self.model_proto = model_proto
+    self.threads = os.cpu_count() or 1  # encode_batch's threads (a store worker may take fewer)
     self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._processor.get_piece_size()
     self.eos_id = self._processor.eos_id()
@@ -295,7 +297,7 @@ class SentencePieceTokenizer(Tokenizer):
     return np.array(self._processor.encode(text), dtype=np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    encoded = self._processor.encode(list(texts), num_threads=os.cpu_count() or 1)
+    encoded = self._processor.encode(list(texts), num_threads=self.threads)
     return [np.array(ids, dtype=np.int32) for ids in encoded]
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -342,10 +344,10 @@ def build(tokenizer_config, train_texts) -> Tokenizer:
   if kind == 'bytes':
     return ByteTokenizer()
   if kind == 'chars':
-    return CharTokenizer.build(train_texts())
+    return CharTokenizer.build(_sample(train_texts(), tokenizer_config.sample_chars))
   if kind == 'words':
     return WordTokenizer.build(
-      train_texts(),
+      _sample(train_texts(), tokenizer_config.sample_chars),
       tokenizer_config.word_split,
       tokenizer_config.max_size,
       tokenizer_config.min_count,
@@ -360,6 +362,17 @@ def build(tokenizer_config, train_texts) -> Tokenizer:
       tokenizer_config.sample_chars,
     )
   raise TokenizerError(f'unknown tokenizer.kind {kind!r}; expected one of {", ".join(KINDS)}')
+
+
+def _sample(texts: Iterable[str], chars: int) -> Iterator[str]:
+  """The first documents of `texts`, up to about `chars` characters: a vocabulary
+  is built from a bounded stream, however large the split."""
+  taken = 0
+  for text in texts:
+    yield text
+    taken += len(text)
+    if taken >= chars:
+      return
 
 
 TOKENIZER_FILE = 'tokenizer.json'

@@ -18,6 +18,19 @@ from lmjax.data import pipeline
 from lmjax.tasks import base
 
 
+def _log(message: str) -> None:
+  """Every process says what it prepares (its share differs); process 0 the rest."""
+  if jax.process_count() == 1:
+    print(message, flush=True)
+  elif message.startswith('token store: preparing') or jax.process_index() == 0:
+    print(f'[process {jax.process_index()}] {message}', flush=True)
+
+
+def _share() -> tuple[int, int]:
+  """This process' share of a token store's shards to prepare."""
+  return jax.process_index(), jax.process_count()
+
+
 @dataclasses.dataclass
 class StreamData(base.TaskData):
   """Token streams of the splits; `masking` is the mlm objective's (None for lm)."""
@@ -46,19 +59,19 @@ class NextToken(base.Task):
   def load(self, config, tokenizer, splits=None) -> StreamData:
     data = config.data
     train_split, eval_split = splits or (data.train_split, data.eval_split)
-    train = pipeline.tokenize_split(data, tokenizer, train_split)
-    evaluated = pipeline.tokenize_split(data, tokenizer, eval_split)
+    train = pipeline.stored_split(data, tokenizer, train_split, _log, _share())
+    evaluated = pipeline.stored_split(data, tokenizer, eval_split, _log, _share())
     return StreamData(
       train,
       evaluated,
-      pipeline.unigram_entropy(train.tokens, tokenizer.vocab_size),
+      pipeline.stream_unigram_entropy(train, tokenizer.vocab_size),
       f'train {len(train.tokens):,} tokens in {train.num_documents:,} documents, '
       f'eval {len(evaluated.tokens):,} tokens',
       self.masking(config, tokenizer.vocab_size),
     )
 
   def load_evaluation(self, config, derived, tokenizer, split) -> StreamData:
-    evaluated = pipeline.tokenize_split(config.data, tokenizer, split)
+    evaluated = pipeline.stored_split(config.data, tokenizer, split, _log, _share())
     return StreamData(None, evaluated, float('nan'), '', self.masking(config, tokenizer.vocab_size))
 
   def steps_per_epoch(self, config, data) -> int:

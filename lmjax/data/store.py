@@ -1,0 +1,435 @@
+"""The token store: a split tokenized once into shards on disk (or gs://), read
+by random access, reused by every run that would tokenize it the same way.
+
+Layout: `<data.cache_dir>/<corpus>/<split>-<key>/`
+  tokens-SSSSS-of-NNNNN.bin      shard S's tokens, little-endian `manifest['dtype']`
+                                 (uint16 when the vocabulary fits, else int32)
+  documents-SSSSS-of-NNNNN.bin   int64 offsets of its documents' first tokens, and its end
+  shard-SSSSS-of-NNNNN.json      the shard's counts, unigram counts and file checksums,
+                                 written once its files are complete
+  manifest.json                  written last, once every shard is there (the commit):
+                                 what the tokens are (corpus, split, cleaning, documents,
+                                 tokenizer fingerprint), their counts, every file's size
+                                 and SHA-256
+
+The split's documents are dealt to the shards in blocks of `BLOCK` documents
+(block b to shard b mod N, N = data.store_shards), and the stream is shard 0,
+then shard 1, ...: the order depends on N alone, not on how many processes or
+machines prepared it. With N = 1 the stream is the split in corpus order.
+
+`<key>` hashes everything that changes the tokens (the corpus, and its local
+files' names, sizes and modification times; the split, cleaning, document
+unit, EOS joining, shard count, the tokenizer's fingerprint, the format), so
+a changed input gets a new store and never reuses an old one.
+
+Why fixed-width token files rather than ArrayRecord: a language-model batch is
+a slice at an arbitrary token offset, which a flat file serves with one read
+(a memory map locally, a ranged read through tf.io.gfile on gs://) and no
+per-record decoding or index; the shard files are plain arrays any tool reads.
+
+Preparation streams the split through the tokenizer one block at a time, so
+its memory is bounded by a block, not the split. Each process (or machine)
+prepares its share of the shards under a lock, so processes that find the
+store missing prepare each shard once; files are written under temporary
+names and renamed, a shard's JSON only after its files, the manifest only
+after every shard's JSON: an interrupted preparation resumes with the shards
+it had not finished and never leaves a store that looks complete.
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+
+import numpy as np
+import tensorflow as tf
+
+from lmjax import fs
+from lmjax import locks
+from lmjax import storage
+from lmjax.data import corpora
+
+FORMAT_VERSION = 1
+BLOCK = 1024  # documents tokenized per call, and dealt to one shard ...
+BLOCK_CHARS = 16 << 20  # ... or fewer, once they hold this many characters
+_READ_CHUNK = 16 << 20  # bytes hashed per read when verifying
+_POLL_S = 2.0  # how often a process waiting for other processes' shards looks
+
+
+class StoreError(corpora.CorpusError):
+  """A token store that is damaged (missing, truncated or corrupt file)."""
+
+
+def default_cache_dir(data_config) -> str:
+  """data.cache_dir, or `lmjax_tokens` inside the tfds data_dir (on gs:// on TPU)."""
+  if data_config.cache_dir:
+    return os.path.expanduser(data_config.cache_dir)
+  data_dir = data_config.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+  return os.path.join(os.path.expanduser(data_dir), 'lmjax_tokens')
+
+
+def _source_description(data_config, split: str) -> dict:
+  """What the split's text is: the corpus, and for local files each file's name,
+  size and modification time."""
+  source = {
+    'name': data_config.name,
+    'split': split,
+    'text_key': data_config.text_key,
+    'data_dir': data_config.data_dir,
+  }
+  if data_config.name == 'files':
+    source['files'] = {}
+    for key in ('files', 'validation_files', 'test_files'):
+      for path in sorted(corpora.glob_files(data_config[key])) if data_config[key] else []:
+        stat = tf.io.gfile.stat(path)
+        source['files'][path] = [stat.length, stat.mtime_nsec]
+    source['fractions'] = [data_config.validation_fraction, data_config.test_fraction]
+  return source
+
+
+def description(data_config, split: str, tokenizer) -> dict:
+  """Everything the tokens depend on (what the key hashes, and the manifest keeps)."""
+  return {
+    'format_version': FORMAT_VERSION,
+    'source': _source_description(data_config, split),
+    'clean': data_config.clean.to_dict(),
+    'documents': data_config.documents,
+    'invalid_utf8': data_config.invalid_utf8,
+    'append_eos': data_config.append_eos,
+    'num_shards': data_config.store_shards,
+    'tokenizer': tokenizer.fingerprint(),
+  }
+
+
+def directory(data_config, split: str, tokenizer) -> str:
+  described = json.dumps(description(data_config, split, tokenizer), sort_keys=True)
+  key = hashlib.sha256(described.encode()).hexdigest()[:16]
+  corpus = re.sub(r'[^A-Za-z0-9_.-]+', '_', data_config.name)
+  return os.path.join(default_cache_dir(data_config), corpus, f'{split}-{key}')
+
+
+def shard_name(kind: str, shard: int, num_shards: int, extension: str = 'bin') -> str:
+  return f'{kind}-{shard:05d}-of-{num_shards:05d}.{extension}'
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with fs.open(path, 'rb') as f:
+    while chunk := f.read(_READ_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _read_json(path: str) -> dict | None:
+  if not fs.exists(path):
+    return None
+  with fs.open(path) as f:
+    return json.loads(f.read())
+
+
+def _write_json(path: str, record: dict) -> None:
+  temporary = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  with fs.open(temporary, 'w') as f:
+    f.write(json.dumps(record, indent=1, sort_keys=True) + '\n')
+  fs.replace(temporary, path)
+
+
+def read_manifest(path: str) -> dict | None:
+  """The committed manifest of the store at `path`, or None if there is none."""
+  return _read_json(os.path.join(path, 'manifest.json'))
+
+
+def rebuild_hint(path: str) -> str:
+  return (
+    f'delete {path} and run `python -m lmjax.prepare --config CONFIG` (or start the run '
+    'again: it prepares a missing store)'
+  )
+
+
+def verify(path: str, manifest: dict, checksums: bool = True) -> None:
+  """Raises StoreError naming the file if one is missing, truncated or corrupt."""
+  for name, expected in manifest['files'].items():
+    file_path = os.path.join(path, name)
+    if not fs.exists(file_path):
+      raise StoreError(f'token store file {file_path} is missing; {rebuild_hint(path)}')
+    size = tf.io.gfile.stat(file_path).length
+    if size != expected['bytes']:
+      raise StoreError(
+        f'token store file {file_path} is truncated or overwritten: {size} bytes, the '
+        f'manifest says {expected["bytes"]}; {rebuild_hint(path)}'
+      )
+    if checksums and _sha256(file_path) != expected['sha256']:
+      raise StoreError(
+        f'token store file {file_path} fails its SHA-256 checksum; {rebuild_hint(path)}'
+      )
+
+
+# ----------------------------------------------------------------------------
+# Preparation.
+
+
+class _Writer:
+  """Appends arrays to a file under a temporary name; hashes what it writes."""
+
+  def __init__(self, path: str, suffix: str):
+    self.path, self.temporary = path, f'{path}.tmp-{suffix}'
+    self.file = fs.open(self.temporary, 'wb')
+    self.file.write(b'')  # creates the file now: a shard may hold no tokens
+    self.digest = hashlib.sha256()
+    self.bytes = 0
+
+  def write(self, array: np.ndarray) -> None:
+    data = np.ascontiguousarray(array).tobytes()
+    self.file.write(data)
+    self.digest.update(data)
+    self.bytes += len(data)
+
+  def commit(self) -> dict:
+    self.file.close()
+    fs.replace(self.temporary, self.path)
+    return {'bytes': self.bytes, 'sha256': self.digest.hexdigest()}
+
+  def discard(self) -> None:
+    try:
+      self.file.close()
+    except Exception:  # noqa: BLE001 - a full disk fails the close too; the file goes anyway
+      pass
+    if fs.exists(self.temporary):
+      tf.io.gfile.remove(self.temporary)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype('<u2') if vocab_size <= 1 << 16 else np.dtype('<i4')
+
+
+class _Shard:
+  """One shard being written: its token and document files and its counts."""
+
+  def __init__(self, path: str, shard: int, num_shards: int, vocab_size: int):
+    suffix = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    self.names = [shard_name(kind, shard, num_shards) for kind in ('tokens', 'documents')]
+    self.json_path = os.path.join(path, shard_name('shard', shard, num_shards, 'json'))
+    self.tokens, self.documents = (_Writer(os.path.join(path, n), suffix) for n in self.names)
+    self.documents.write(np.zeros(1, '<i8'))
+    self.dtype = token_dtype(vocab_size)
+    self.unigrams = np.zeros(vocab_size, np.int64)
+    self.counts = {'tokens': 0, 'documents': 0, 'bytes': 0}
+
+  def add(self, pieces: list, num_bytes: int) -> None:
+    lengths = np.array([len(piece) for piece in pieces], np.int64)
+    if lengths.sum():
+      tokens = np.concatenate(pieces)
+      self.tokens.write(tokens.astype(self.dtype))
+      self.unigrams += np.bincount(tokens, minlength=len(self.unigrams))[: len(self.unigrams)]
+    self.documents.write(self.counts['tokens'] + np.cumsum(lengths).astype('<i8'))
+    self.counts['tokens'] += int(lengths.sum())
+    self.counts['documents'] += len(pieces)
+    self.counts['bytes'] += num_bytes
+
+  def commit(self) -> None:
+    files = dict(zip(self.names, (self.tokens.commit(), self.documents.commit())))
+    _write_json(self.json_path, {**self.counts, 'files': files, 'unigrams': self.unigrams.tolist()})
+
+  def discard(self) -> None:
+    self.tokens.discard()
+    self.documents.discard()
+
+
+def prepare_shards(path, shards, num_shards, texts, tokenizer, append_eos, log) -> None:
+  """One pass over `texts` (the split's cleaned documents) writing `shards`."""
+  writing = {s: _Shard(path, s, num_shards, tokenizer.vocab_size) for s in shards}
+  eos = np.array([tokenizer.eos_id] if append_eos else [], np.int32)
+  started, tokens_done, block, batch, chars = time.perf_counter(), 0, 0, [], 0
+
+  def flush():
+    nonlocal tokens_done, chars
+    shard = writing.get(block % num_shards)
+    if shard is not None and batch:
+      pieces = [
+        np.concatenate([np.asarray(ids, np.int32), eos]) for ids in tokenizer.encode_batch(batch)
+      ]
+      shard.add(pieces, sum(len(text.encode('utf-8')) for text in batch))
+      tokens_done += sum(len(piece) for piece in pieces)
+    batch.clear()
+    chars = 0
+
+  try:
+    for text in texts:
+      batch.append(text)
+      chars += len(text)
+      if len(batch) == BLOCK or chars >= BLOCK_CHARS:
+        flush()
+        block += 1
+        if block % 200 == 0:
+          rate = tokens_done / max(time.perf_counter() - started, 1e-9)
+          log(
+            f'  token store: {block * BLOCK:,} documents read, {tokens_done:,} tokens '
+            f'written ({rate:,.0f} tokens/s)'
+          )
+    flush()
+    for shard in writing.values():
+      shard.commit()
+  except BaseException as error:  # an interrupt too: no temporary file is left
+    for shard in writing.values():
+      shard.discard()
+    if isinstance(error, Exception) and storage.is_disk_full(error):
+      raise StoreError(
+        f'the disk is full while preparing the token store {path}; nothing half-written '
+        'is kept. Free space, or set data.cache_dir to a larger disk, and start again.'
+      ) from None
+    raise
+
+
+def commit(path: str, described: dict, num_shards: int) -> dict | None:
+  """The manifest, written once every shard's JSON is there (None before that)."""
+  records = []
+  for shard in range(num_shards):
+    record = _read_json(os.path.join(path, shard_name('shard', shard, num_shards, 'json')))
+    if record is None:
+      return None
+    records.append(record)
+  manifest = {
+    **described,
+    'tokens': sum(r['tokens'] for r in records),
+    'documents': sum(r['documents'] for r in records),
+    'bytes': sum(r['bytes'] for r in records),
+    'shard_tokens': [r['tokens'] for r in records],
+    'shard_documents': [r['documents'] for r in records],
+    'unigrams': np.sum([r['unigrams'] for r in records], axis=0).tolist(),
+    'files': {name: meta for r in records for name, meta in r['files'].items()},
+  }
+  manifest['dtype'] = token_dtype(len(manifest['unigrams'])).str
+  if read_manifest(path) is None:  # identical content whoever commits
+    _write_json(os.path.join(path, 'manifest.json'), manifest)
+  return read_manifest(path)
+
+
+def ensure(
+  data_config, split: str, tokenizer, texts, share: tuple[int, int] = (0, 1), log=print
+) -> tuple[str, dict, bool]:
+  """(path, manifest, whether this call prepared shards). Prepares this share's
+  missing shards (share (i, n): the shards s with s mod n = i), then waits for
+  the others' (other processes of the run, or other machines) and commits. An
+  existing store is reused once its files' sizes and checksums match."""
+  path = directory(data_config, split, tokenizer)
+  manifest = read_manifest(path)
+  if manifest is not None:
+    verify(path, manifest)
+    return path, manifest, False
+  described = description(data_config, split, tokenizer)
+  num_shards = described['num_shards']
+  index, count = share
+  fs.makedirs(path)
+  mine = list(range(index, num_shards, count))
+  with locks.Lock(path, f'.prepare-{index}-of-{count}.lock', f'preparing {path}', wait=True):
+    todo = [
+      s
+      for s in mine
+      if not fs.exists(os.path.join(path, shard_name('shard', s, num_shards, 'json')))
+    ]
+    if todo:
+      log(f'token store: preparing split {split!r} into {path} (shards {todo} of {num_shards})')
+      prepare_shards(path, todo, num_shards, texts(), tokenizer, data_config.append_eos, log)
+  told = False
+  while (manifest := commit(path, described, num_shards)) is None:
+    if not told:
+      log(f"token store: waiting for the other processes' shards of {path}")
+      told = True
+    time.sleep(_POLL_S)
+  if manifest['documents'] == 0:
+    raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no text')
+  return path, manifest, bool(todo)
+
+
+# ----------------------------------------------------------------------------
+# Reading.
+
+
+class Tokens:
+  """A split's tokens as one read-only int32 array over its shards, read on
+  demand: memory-mapped files locally, ranged reads through tf.io.gfile on
+  gs://. Supports len(), slicing, integer-array indexing and `windows`."""
+
+  def __init__(self, path: str, manifest: dict):
+    self.dtype = np.dtype(manifest['dtype'])
+    num_shards = manifest['num_shards']
+    self.files = [
+      os.path.join(path, shard_name('tokens', s, num_shards)) for s in range(num_shards)
+    ]
+    self.starts = np.concatenate([[0], np.cumsum(manifest['shard_tokens'])]).astype(np.int64)
+    self.remote = '://' in path
+    self._maps = {}
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  @property
+  def shape(self) -> tuple:
+    return (len(self),)
+
+  def _shard(self, s: int):
+    if s not in self._maps:
+      count = int(self.starts[s + 1] - self.starts[s])
+      if self.remote:
+        self._maps[s] = fs.open(self.files[s], 'rb')
+      else:
+        self._maps[s] = (
+          np.memmap(self.files[s], self.dtype, 'r') if count else np.zeros(0, self.dtype)
+        )
+    return self._maps[s]
+
+  def _read(self, s: int, start: int, stop: int) -> np.ndarray:
+    shard = self._shard(s)
+    if not self.remote:
+      return np.asarray(shard[start:stop])
+    shard.seek(start * self.dtype.itemsize)
+    return np.frombuffer(shard.read((stop - start) * self.dtype.itemsize), self.dtype)
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) as int32, across shard boundaries."""
+    start, stop = max(0, int(start)), min(len(self), int(stop))
+    if stop <= start:
+      return np.zeros(0, np.int32)
+    first = int(np.searchsorted(self.starts, start, 'right')) - 1
+    pieces = []
+    s = first
+    while start < stop:
+      end = min(stop, int(self.starts[s + 1]))
+      pieces.append(self._read(s, start - int(self.starts[s]), end - int(self.starts[s])))
+      start, s = end, s + 1
+    return np.concatenate(pieces).astype(np.int32)
+
+  def windows(self, starts, length: int) -> np.ndarray:
+    """[len(starts), length] int32: the tokens at starts[i] .. starts[i] + length."""
+    return np.stack([self.read(int(s), int(s) + length) for s in np.asarray(starts)])
+
+  def __getitem__(self, key):
+    if isinstance(key, slice):
+      start, stop, step = key.indices(len(self))
+      if step == 1:
+        return self.read(start, stop)
+      return np.asarray(self)[key]  # strided: rare, read whole
+    indices = np.asarray(key)
+    if indices.ndim == 0:
+      return self.read(int(indices), int(indices) + 1)[0]
+    return np.array(
+      [self.read(int(i), int(i) + 1)[0] for i in indices.reshape(-1)], np.int32
+    ).reshape(indices.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    whole = self.read(0, len(self))
+    return whole if dtype is None else whole.astype(dtype)
+
+
+def document_offsets(path: str, manifest: dict) -> np.ndarray:
+  """[documents + 1] int64 offsets of every document in the stream."""
+  num_shards = manifest['num_shards']
+  starts = np.concatenate([[0], np.cumsum(manifest['shard_tokens'])]).astype(np.int64)
+  pieces = []
+  for s in range(num_shards):
+    with fs.open(os.path.join(path, shard_name('documents', s, num_shards)), 'rb') as f:
+      offsets = np.frombuffer(f.read(), '<i8')
+    pieces.append(offsets[:-1] + starts[s])
+  return np.concatenate(pieces + [starts[-1:]]).astype(np.int64)
