@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 
 from lmjax import config as config_lib
+from lmjax import fs
 from lmjax import validation
 from lmjax.data import corpora
 from lmjax.data import pipeline
@@ -56,17 +57,23 @@ def _prepare_share(job: tuple) -> dict:
 
 
 def prepare(
-  config, workdir: str = '', splits=None, workers: int = 1, machine=(0, 1), threads: int = 0
+  config,
+  workdir: str = '',
+  splits=None,
+  workers: int = 1,
+  machine=(0, 1),
+  threads: int = 0,
+  verify: bool = False,
 ) -> list:
   """Prepares (or finds) the stores of `splits` (default: the train and eval
   splits); returns one summary per split. Each of the `workers` processes
   tokenizes with `threads` threads (0: the cores shared out between them)."""
   threads = threads or max(1, (os.cpu_count() or 1) // workers)
   validation.check(config)
+  workdir = workdir or tempfile.mkdtemp(prefix='lmjax-prepare-')
+  fs.makedirs(workdir)
   train_texts = lambda: pipeline.texts(config.data, config.data.train_split)
-  tokenizer = tokenizers.for_run(
-    config.tokenizer, workdir or tempfile.mkdtemp(prefix='lmjax-prepare-'), train_texts
-  )
+  tokenizer = tokenizers.for_run(config.tokenizer, workdir, train_texts)
   splits = splits or [config.data.train_split, config.data.eval_split]
   index, count = machine
   summaries = []
@@ -79,6 +86,8 @@ def prepare(
       with multiprocessing.get_context('spawn').Pool(workers) as pool:
         results = pool.map(_prepare_share, jobs)
     summary = dict(results[0], prepared=any(r['prepared'] for r in results))
+    if verify:  # every file hashed, whatever its modification time says
+      store.verify(summary['path'], store.read_manifest(summary['path']), every_checksum=True)
     summary['seconds'] = max(r['seconds'] for r in results)
     summary['tokens_per_sec'] = round(summary['tokens'] / max(summary['seconds'], 1e-9))
     _log(
@@ -101,6 +110,7 @@ def _main(argv):
       values.workers,
       (values.shard_index, values.num_shards),
       values.threads_per_worker,
+      values.verify,
     )
   except (config_lib.ConfigError, corpora.CorpusError, ValueError, OSError) as error:
     sys.exit(f'error: {error}')
@@ -115,6 +125,7 @@ def run():
   flags.DEFINE_integer(
     'threads_per_worker', 0, 'sentencepiece threads per worker (0 = the cores shared out).'
   )
+  flags.DEFINE_bool('verify', False, 'Hash every file of every store (not only changed ones).')
   flags.DEFINE_integer('num_shards', 1, 'Machines preparing the same store.')
   flags.DEFINE_integer('shard_index', 0, 'This machine (0 .. num_shards - 1).')
   flags.mark_flags_as_required(['config'])

@@ -156,7 +156,7 @@ def main(argv):
   directory = flags.FLAGS.dir
   for size in [int(s) for s in flags.FLAGS.sizes_mb.split(',') if s]:
     corpus = make_corpus(os.path.join(directory, f'corpus_{size}mb'), size, flags.FLAGS.source)
-    stores = os.path.join(directory, f'stores_{size}mb')
+    stores = os.path.join(directory, f'stores_{size}mb_{time.time_ns()}')  # prepared afresh
     prepared = prepare(corpus, stores, 'bytes')
     trained = train(
       corpus,

@@ -337,7 +337,7 @@ def train_batches(
   only: each epoch visits every window once in the order of a keyed
   permutation computed one index at a time (lmjax.data.index_shuffle), so
   nothing of the size of the corpus is built, and the windows are read from
-  the stream (a token store's memory-mapped shards) by random access.
+  the stream (a token store's shards) by random access.
   """
   rows = _local_rows(global_batch, process_index, process_count)
   per_epoch = require_steps_per_epoch(stream, seq_len, global_batch, layout)
@@ -408,7 +408,7 @@ def _batches(batch_of_step, seed, start_step, rows, global_batch, masking) -> It
 
 def _prefetched(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:
   """`batches`, produced up to `depth` ahead on a daemon thread (numpy and the
-  memory maps release the GIL for the copies that dominate)."""
+  reads release the GIL for the copies that dominate)."""
   ready = queue.Queue(maxsize=depth)
 
   def produce():
