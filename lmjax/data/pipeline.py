@@ -189,9 +189,10 @@ def pack(stream: TokenStream, seq_len: int) -> dict:
   inputs = np.zeros(shape, np.int32).reshape(-1)
   segment_ids = np.zeros(shape, np.int32).reshape(-1)
   positions = np.zeros(shape, np.int32).reshape(-1)
-  targets[target] = stream.tokens[source]
+  tokens = np.asarray(stream.tokens)  # a stored stream is read whole: packing is in memory
+  targets[target] = tokens[source]
   doc_start = (within == 0) & np.repeat(piece_in_doc == 0, piece_len)
-  inputs[target] = np.where(doc_start, stream.eos_id, stream.tokens[np.maximum(source - 1, 0)])
+  inputs[target] = np.where(doc_start, stream.eos_id, tokens[np.maximum(source - 1, 0)])
   segment_ids[target] = np.repeat(piece_segment, piece_len)
   positions[target] = within
   return {

@@ -430,6 +430,8 @@ class Tokens:
     indices = np.asarray(key)
     if indices.ndim == 0:
       return self.read(int(indices), int(indices) + 1)[0]
+    if indices.size > 4096:  # many scattered reads cost more than one whole read
+      return np.asarray(self)[indices]
     return np.array(
       [self.read(int(i), int(i) + 1)[0] for i in indices.reshape(-1)], np.int32
     ).reshape(indices.shape)

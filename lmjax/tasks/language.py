@@ -8,6 +8,7 @@ mlm  masked-token prediction with the bidirectional encoder: the same stream
 """
 
 import dataclasses
+import sys
 
 import jax
 import numpy as np
@@ -19,11 +20,12 @@ from lmjax.tasks import base
 
 
 def _log(message: str) -> None:
-  """Every process says what it prepares (its share differs); process 0 the rest."""
+  """Token-store lines, on stderr (lmjax.evaluate's stdout is its JSON). Every
+  process says what it prepares (its share differs); process 0 the rest."""
   if jax.process_count() == 1:
-    print(message, flush=True)
+    print(message, file=sys.stderr, flush=True)
   elif message.startswith('token store: preparing') or jax.process_index() == 0:
-    print(f'[process {jax.process_index()}] {message}', flush=True)
+    print(f'[process {jax.process_index()}] {message}', file=sys.stderr, flush=True)
 
 
 def _share() -> tuple[int, int]:
