@@ -56,6 +56,7 @@ def test_no_task_switch_outside_the_tasks():
     assert "'classify'" not in source and "'mlm'" not in source, name
 
 
+@pytest.mark.slow
 def test_a_task_registered_from_outside_trains_and_evaluates(
   corpus_dir, tmp_path, monkeypatch, capsys
 ):
@@ -88,6 +89,7 @@ def write_labelled(path, count, seed):
   path.write_text('\n'.join(lines) + '\n')
 
 
+@pytest.mark.slow
 def test_classes_and_epochs_go_to_the_derived_record_not_the_config(tmp_path):
   write_labelled(tmp_path / 'train.jsonl', 96, 0)
   write_labelled(tmp_path / 'valid.jsonl', 32, 1)
