@@ -7,7 +7,9 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import contextlib  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -69,3 +71,20 @@ def tiny_config(corpus_dir, **overrides):
       node = node[key]
     node[leaf] = value
   return c
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: pathlib.Path, size: str):
+  """A tmpfs of `size` (e.g. '200k') mounted at `directory`: a disk that fills up."""
+  directory.mkdir()
+  made = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(directory)],
+    capture_output=True,
+    text=True,
+  )
+  if made.returncode != 0:
+    pytest.skip(f'cannot mount a small tmpfs here: {made.stderr.strip()}')
+  try:
+    yield directory
+  finally:  # lazily: a child process that filled it may still hold a file there
+    subprocess.run(['umount', '-l', str(directory)], check=False)

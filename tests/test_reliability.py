@@ -18,6 +18,7 @@ from test_launch import train_command
 from test_launch import wait_for
 
 from conftest import REPO
+from conftest import small_tmpfs
 from conftest import tiny_config
 from lmjax import checkpoint
 from lmjax import locks
@@ -276,14 +277,7 @@ def test_a_lock_on_an_object_store_is_refused_while_fresh_and_taken_when_stale()
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_restores(corpus_dir, tmp_path):
-  mount = tmp_path / 'small'
-  mount.mkdir()
-  made = subprocess.run(
-    ['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount)], capture_output=True, text=True
-  )
-  if made.returncode != 0:
-    pytest.skip(f'cannot mount a small tmpfs here: {made.stderr.strip()}')
-  try:
+  with small_tmpfs(tmp_path / 'small', '3m') as mount:
     workdir = mount / 'run'
     result = subprocess.run(
       train_command(
@@ -309,8 +303,6 @@ def test_a_full_disk_is_one_clear_error_and_the_earlier_checkpoint_restores(corp
     evaluated = evaluate_command('--workdir', workdir, '--eval_batches', 1)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)['step'] in steps
-  finally:
-    subprocess.run(['umount', '-l', str(mount)], check=False)
 
 
 # ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import small_tmpfs
 from conftest import tiny_config
 from lmjax.data import corpora
 from lmjax.data import pipeline
@@ -210,14 +211,7 @@ def test_an_empty_split_is_named(tmp_path):
 
 
 def test_a_full_disk_is_one_clear_error_and_leaves_no_store(corpus_dir, tmp_path):
-  mount = tmp_path / 'small'
-  mount.mkdir()
-  made = subprocess.run(
-    ['mount', '-t', 'tmpfs', '-o', 'size=200k', 'tmpfs', str(mount)], capture_output=True, text=True
-  )
-  if made.returncode != 0:
-    pytest.skip(f'cannot mount a small tmpfs here: {made.stderr.strip()}')
-  try:
+  with small_tmpfs(tmp_path / 'small', '200k') as mount:
     data = tiny_config(corpus_dir, **{'data.cache_dir': str(mount)}).data  # 180 kB of text
     tokenizer = tokenizers.ByteTokenizer()  # 2 bytes a token: 360 kB of tokens
     with pytest.raises(store.StoreError, match='the disk is full while preparing the token store'):
@@ -225,8 +219,6 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_store(corpus_dir, tmp_path
     path = store.directory(data, 'train', tokenizer)
     assert store.read_manifest(path) is None
     assert [n for n in os.listdir(path) if '.tmp-' in n or n.endswith('.bin')] == []
-  finally:
-    subprocess.run(['umount', str(mount)], check=True)
 
 
 def test_prepare_verify_hashes_a_file_whose_time_was_put_back(corpus_dir, tmp_path):

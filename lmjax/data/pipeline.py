@@ -378,9 +378,11 @@ def _epoch_order(seed: int, step: int, global_batch: int, count: int, rows: slic
 
 
 def _epoch_offset(seed: int, epochs: np.ndarray, seq_len: int) -> np.ndarray:
-  """Each epoch's offset in [0, seq_len) of its window grid."""
-  keys = [index_shuffle.round_keys((seed, int(epoch), 1))[0] for epoch in epochs]
-  return (np.asarray(keys, np.uint64) % np.uint64(seq_len)).astype(np.int64)
+  """Each epoch's offset in [0, seq_len) of its window grid (one hash per epoch
+  in the batch, not per row: a batch spans one epoch, or two)."""
+  distinct, index = np.unique(epochs, return_inverse=True)
+  keys = [index_shuffle.round_keys((seed, int(epoch), 1))[0] for epoch in distinct]
+  return (np.asarray(keys, np.uint64) % np.uint64(seq_len)).astype(np.int64)[index]
 
 
 def _windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
