@@ -4,7 +4,8 @@
         [--workdir DIR] [--splits train,validation,test] [--workers K] \
         [--num_shards N --shard_index I]
 
-Each split is tokenized once into `data.store_shards` shards. `--workers K`
+Each split is tokenized once into `data.store_shards` shards (and with
+data.layout='packed', packed into rows of data.seq_len). `--workers K`
 prepares this machine's shards in K processes; `--num_shards N --shard_index I`
 makes this machine one of N preparing the same store (each run with its own
 I, all pointing at one `data.cache_dir`, e.g. on gs://): each prepares the
@@ -46,14 +47,22 @@ def _prepare_share(job: tuple) -> dict:
   started = time.perf_counter()
   texts = lambda: pipeline.texts(config.data, split)
   path, manifest, prepared = store.ensure(config.data, split, tokenizer, texts, share, _log)
-  return {
+  summary = {
     'split': split,
     'path': path,
     'tokens': manifest['tokens'],
     'documents': manifest['documents'],
     'prepared': prepared,
-    'seconds': round(time.perf_counter() - started, 2),
   }
+  if config.data.layout == 'packed':  # the rows training reads, packed once here
+    seq_len = config.data.seq_len
+    packed, packed_manifest, packed_now = store.ensure_packed(
+      path, manifest, seq_len, int(tokenizer.eos_id), share, _log
+    )
+    summary.update(packed_path=packed, packed_rows=packed_manifest['rows'])
+    summary['prepared'] = prepared or packed_now
+  summary['seconds'] = round(time.perf_counter() - started, 2)
+  return summary
 
 
 def prepare(
@@ -87,7 +96,9 @@ def prepare(
         results = pool.map(_prepare_share, jobs)
     summary = dict(results[0], prepared=any(r['prepared'] for r in results))
     if verify:  # every file hashed, whatever its modification time says
-      store.verify(summary['path'], store.read_manifest(summary['path']), every_checksum=True)
+      for path in (summary['path'], summary.get('packed_path')):
+        if path:
+          store.verify(path, store.read_manifest(path), every_checksum=True)
     summary['seconds'] = max(r['seconds'] for r in results)
     summary['tokens_per_sec'] = round(summary['tokens'] / max(summary['seconds'], 1e-9))
     _log(

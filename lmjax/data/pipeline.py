@@ -13,7 +13,8 @@ laid out as examples of `seq_len` tokens in one of three layouts
            rows, with `segment_ids` (1, 2, ... per row; 0 = padding) and
            `positions` that restart at every document, so attention is masked
            between documents and padding carries no loss; rows are shuffled
-           per epoch.
+           per epoch. The rows are packed once, with the token store, and
+           stored beside its tokens (lmjax.data.packing, store.ensure_packed).
   stream   the stream cut into `batch` contiguous rows; consecutive steps
            continue each row where the previous step stopped (stateful
            recurrent training), and `reset` marks the first step of an epoch.
@@ -28,6 +29,7 @@ the k earlier batches; the checkpoint's step *is* the pipeline's position.
 import dataclasses
 import queue
 import threading
+from collections.abc import Callable
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,35 +38,46 @@ import tensorflow as tf
 from lmjax.data import cleaning
 from lmjax.data import corpora
 from lmjax.data import index_shuffle
+from lmjax.data import packing
 from lmjax.data import store
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
 LAYOUTS = ('windows', 'packed', 'stream')
-_OPEN_ROWS = 64  # Rows that packing keeps open for later, shorter documents.
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
   """One split as a single token stream."""
 
-  tokens: np.ndarray  # [num_tokens] int32
+  tokens: np.ndarray  # [num_tokens] int32 (or a token store's store.Tokens)
   num_documents: int
   num_bytes: int  # UTF-8 bytes of the text the tokens encode.
   doc_starts: np.ndarray | None = None  # [num_documents + 1] offsets (None = one document)
   eos_id: int = 0  # The end-of-document token (starts every packed document).
   unigram_counts: np.ndarray | None = None  # [vocab] token counts, when the store has them
-  _packed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  # seq_len -> packed rows: computed on first use, or the store's (store.PackedRows).
+  packed_rows: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  # Reads the offsets of a stored stream's documents when they are first needed.
+  offsets_loader: Callable[[], np.ndarray] | None = dataclasses.field(
+    default=None, compare=False, repr=False
+  )
+  _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def document_offsets(self) -> np.ndarray:
-    if self.doc_starts is None:
-      return np.array([0, len(self.tokens)], np.int64)
-    return np.asarray(self.doc_starts, np.int64)
+    if self.doc_starts is not None:
+      return np.asarray(self.doc_starts, np.int64)
+    if self.offsets_loader is not None:
+      if 'offsets' not in self._cache:
+        self._cache['offsets'] = self.offsets_loader()
+      return self._cache['offsets']
+    return np.array([0, len(self.tokens)], np.int64)
 
-  def packed(self, seq_len: int) -> dict:
-    """The stream's documents packed into rows of `seq_len` (computed once)."""
-    if seq_len not in self._packed:
-      self._packed[seq_len] = pack(self, seq_len)
-    return self._packed[seq_len]
+  def packed(self, seq_len: int):
+    """The stream's documents packed into rows of `seq_len`: the token store's
+    rows (prepared with the store), else packed in memory once."""
+    if seq_len not in self.packed_rows:
+      self.packed_rows[seq_len] = pack(self, seq_len)
+    return self.packed_rows[seq_len]
 
 
 def texts(data_config, split: str) -> Iterator[str]:
@@ -81,13 +94,20 @@ def texts(data_config, split: str) -> Iterator[str]:
 
 
 def stored_split(
-  data_config, tokenizer, split: str, log=print, share: tuple[int, int] = (0, 1)
+  data_config,
+  tokenizer,
+  split: str,
+  log=print,
+  share: tuple[int, int] = (0, 1),
+  packed_len: int = 0,
 ) -> TokenStream:
   """The split's token stream read from its token store (lmjax.data.store),
   which is prepared first if it is missing (this process preparing its `share`
   of the shards): a run that restarts reads its tokens instead of tokenizing
-  the split again, and reads only the windows it trains on. With one shard,
-  equal token for token to `tokenize_split`."""
+  the split again, and reads only the windows it trains on. `packed_len` > 0
+  also prepares (or finds) the store's rows packed to that length, which
+  `packed(packed_len)` then reads row by row. With one shard, equal token for
+  token to `tokenize_split`."""
   path, manifest, prepared = store.ensure(
     data_config, split, tokenizer, lambda: texts(data_config, split), share, log
   )
@@ -95,13 +115,24 @@ def stored_split(
     f'token store {"prepared" if prepared else "reused"} for split {split!r}: '
     f'{manifest["tokens"]:,} tokens in {manifest["documents"]:,} documents ({path})'
   )
+  rows = {}
+  if packed_len:
+    packed, packed_manifest, packed_now = store.ensure_packed(
+      path, manifest, packed_len, int(tokenizer.eos_id), share, log
+    )
+    rows[packed_len] = store.PackedRows(packed, packed_manifest)
+    log(
+      f'token store {"packed" if packed_now else "reused packed rows"} for split {split!r}: '
+      f'{packed_manifest["rows"]:,} rows of {packed_len} ({packed})'
+    )
   return TokenStream(
     tokens=store.Tokens(path, manifest),
     num_documents=manifest['documents'],
     num_bytes=manifest['bytes'],
-    doc_starts=store.document_offsets(path, manifest),
     eos_id=int(tokenizer.eos_id),
     unigram_counts=np.asarray(manifest['unigrams'], np.int64),
+    packed_rows=rows,
+    offsets_loader=lambda: store.document_offsets(path, manifest),
   )
 
 
@@ -139,69 +170,32 @@ def tokenize_split(data_config, tokenizer, split: str) -> TokenStream:
 
 
 def pack(stream: TokenStream, seq_len: int) -> dict:
-  """Greedy packing of the stream's documents, in corpus order.
+  """The stream's documents packed in memory, in corpus order
+  (lmjax.data.packing): numpy arrays [rows, seq_len] of inputs, targets
+  (int32), segment_ids (int32, 1.. per row, 0 = padding), positions (int32)
+  and weights (float32)."""
+  tokens = np.asarray(stream.tokens)  # a stored stream is read whole here
+  rows = []
+  packing.pack_documents(
+    [stream.document_offsets()], lambda lo, hi: tokens[lo:hi], seq_len, stream.eos_id, rows.append
+  )
+  if not rows:
+    return packing.as_dict(np.zeros((0, 4, seq_len), np.int32))
+  return packing.as_dict(np.concatenate(rows))
 
-  Document d's targets are its tokens (ending with the end-of-document token
-  when append_eos); its inputs are the same tokens shifted right behind an
-  end-of-document token, so its first token is predicted from a fresh start.
-  A document longer than `seq_len` is cut into `seq_len` pieces; each piece
-  goes into the oldest of the last `_OPEN_ROWS` rows it fits in (first fit),
-  or starts a new row. Returns
-  numpy arrays [rows, seq_len]: inputs, targets (int32), segment_ids (int32,
-  1.. per row, 0 = padding), positions (int32) and weights (float32).
-  """
-  offsets = stream.document_offsets()
-  lengths = np.diff(offsets)
-  offsets, lengths = offsets[:-1][lengths > 0], lengths[lengths > 0]
-  # Documents -> pieces of at most seq_len tokens.
-  num_pieces = -(-lengths // seq_len)
-  doc_of_piece = np.repeat(np.arange(len(lengths)), num_pieces)
-  first_piece = np.cumsum(num_pieces) - num_pieces
-  piece_in_doc = np.arange(len(doc_of_piece)) - first_piece[doc_of_piece]
-  piece_start = offsets[doc_of_piece] + piece_in_doc * seq_len
-  piece_len = np.minimum(seq_len, offsets[doc_of_piece] + lengths[doc_of_piece] - piece_start)
-  # First fit over the most recent rows with room: a plain loop over piece
-  # lengths (ints), the rest vectorised.
-  piece_row = np.empty(len(piece_len), np.int64)
-  piece_col = np.empty(len(piece_len), np.int64)
-  piece_segment = np.empty(len(piece_len), np.int32)
-  open_rows = []  # [row, used, segments] of rows with room, oldest first
-  num_rows = 0
-  for i, n in enumerate(piece_len.tolist()):
-    slot = next((r for r in open_rows if r[1] + n <= seq_len), None)
-    if slot is None:
-      slot = [num_rows, 0, 0]
-      num_rows += 1
-      if n < seq_len:
-        open_rows.append(slot)
-        if len(open_rows) > _OPEN_ROWS:
-          open_rows.pop(0)
-    piece_row[i], piece_col[i], piece_segment[i] = slot[0], slot[1], slot[2] + 1
-    slot[1] += n
-    slot[2] += 1
-    if slot[1] == seq_len and slot in open_rows:
-      open_rows.remove(slot)
-  within = np.arange(int(piece_len.sum())) - np.repeat(np.cumsum(piece_len) - piece_len, piece_len)
-  source = np.repeat(piece_start, piece_len) + within
-  target = np.repeat(piece_row * seq_len + piece_col, piece_len) + within
-  shape = (num_rows, seq_len)
-  targets = np.zeros(shape, np.int32).reshape(-1)
-  inputs = np.zeros(shape, np.int32).reshape(-1)
-  segment_ids = np.zeros(shape, np.int32).reshape(-1)
-  positions = np.zeros(shape, np.int32).reshape(-1)
-  tokens = np.asarray(stream.tokens)  # a stored stream is read whole: packing is in memory
-  targets[target] = tokens[source]
-  doc_start = (within == 0) & np.repeat(piece_in_doc == 0, piece_len)
-  inputs[target] = np.where(doc_start, stream.eos_id, tokens[np.maximum(source - 1, 0)])
-  segment_ids[target] = np.repeat(piece_segment, piece_len)
-  positions[target] = within
-  return {
-    'inputs': inputs.reshape(shape),
-    'targets': targets.reshape(shape),
-    'segment_ids': segment_ids.reshape(shape),
-    'positions': positions.reshape(shape),
-    'weights': (segment_ids > 0).astype(np.float32).reshape(shape),
-  }
+
+def num_rows(examples) -> int:
+  """Rows of `examples`: a dict of arrays with a leading row axis, or an object
+  with len() and take(indices) (store.PackedRows, labelled rows)."""
+  if hasattr(examples, 'take'):
+    return len(examples)
+  return len(next(iter(examples.values())))
+
+
+def take_rows(examples, indices: np.ndarray) -> dict:
+  if hasattr(examples, 'take'):
+    return examples.take(indices)
+  return {k: np.asarray(v[indices]) for k, v in examples.items()}
 
 
 def _local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -226,7 +220,7 @@ def steps_per_epoch(
   if layout == 'windows':
     return windows_per_epoch(len(stream.tokens), seq_len) // global_batch
   if layout == 'packed':
-    return len(stream.packed(seq_len)['inputs']) // global_batch
+    return num_rows(stream.packed(seq_len)) // global_batch
   return (len(stream.tokens) - 1) // global_batch // seq_len
 
 
@@ -247,7 +241,7 @@ def check_layout(layout: str) -> None:
 
 def _too_small(stream: TokenStream, seq_len: int, global_batch: int, layout: str):
   if layout == 'packed':
-    rows = len(stream.packed(seq_len)['inputs'])
+    rows = num_rows(stream.packed(seq_len))
     return corpora.CorpusError(
       f'the training split has {len(stream.tokens)} tokens in {stream.num_documents} '
       f'documents, which pack into {rows} rows of {seq_len}; one batch needs {global_batch} rows'
@@ -446,7 +440,7 @@ def row_batches(
   """Infinite batches of whole rows of `examples` (arrays with a leading example
   axis: packed rows, labelled texts), shuffled per epoch, from `start_step` on."""
   rows = _local_rows(global_batch, process_index, process_count)
-  count = len(next(iter(examples.values())))
+  count = num_rows(examples)
   if count < global_batch:
     raise corpora.CorpusError(
       f'the training split has {count} examples; one batch needs {global_batch}'
@@ -454,7 +448,7 @@ def row_batches(
 
   def batch_of_step(step):
     _, order = _epoch_order(seed, step, global_batch, count, rows)
-    return {k: np.asarray(v[order]) for k, v in examples.items()}
+    return take_rows(examples, order)
 
   return _batches(batch_of_step, seed, start_step, rows, global_batch, masking)
 
@@ -522,17 +516,18 @@ def eval_row_batches(
 ) -> Iterator[dict]:
   """Whole rows of `examples` in order, the last batch padded with weight-0 rows."""
   rows = _local_rows(global_batch, process_index, process_count)
-  count = len(next(iter(examples.values())))
+  count = num_rows(examples)
   num_batches = -(-count // global_batch)
   if max_batches >= 0:
     num_batches = min(num_batches, max_batches)
   for i in range(num_batches):
-    batch = {}
-    for name, value in examples.items():
-      chunk = value[i * global_batch : (i + 1) * global_batch]
-      padding = np.zeros((global_batch - len(chunk),) + value.shape[1:], value.dtype)
-      batch[name] = np.concatenate([chunk, padding])[rows]
-    yield batch
+    indices = i * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+    batch = take_rows(examples, indices[indices < count])
+    padding = len(indices) - int((indices < count).sum())  # past the end: zeros
+    yield {
+      name: np.concatenate([value, np.zeros((padding,) + value.shape[1:], value.dtype)])
+      for name, value in batch.items()
+    }
 
 
 def _eval_windows(

@@ -50,11 +50,13 @@ from lmjax import fs
 from lmjax import locks
 from lmjax import storage
 from lmjax.data import corpora
+from lmjax.data import packing
 
 FORMAT_VERSION = 1
 BLOCK = 1024  # documents tokenized per call, and dealt to one shard ...
 BLOCK_CHARS = 16 << 20  # ... or fewer, once they hold this many characters
 _READ_CHUNK = 16 << 20  # bytes hashed per read when verifying
+_OFFSETS_CHUNK = 1 << 20  # document offsets packed per chunk
 _POLL_S = 2.0  # how often a process waiting for other processes' shards looks
 
 
@@ -289,12 +291,16 @@ def prepare_shards(path, shards, num_shards, texts, tokenizer, append_eos, log) 
   except BaseException as error:  # an interrupt too: no temporary file is left
     for shard in writing.values():
       shard.discard()
-    if isinstance(error, Exception) and storage.is_disk_full(error):
-      raise StoreError(
-        f'the disk is full while preparing the token store {path}; nothing half-written '
-        'is kept. Free space, or set data.cache_dir to a larger disk, and start again.'
-      ) from None
+    _raise_if_disk_full(error, path)
     raise
+
+
+def _raise_if_disk_full(error: BaseException, path: str) -> None:
+  if isinstance(error, Exception) and storage.is_disk_full(error):
+    raise StoreError(
+      f'the disk is full while preparing the token store {path}; nothing half-written '
+      'is kept. Free space, or set data.cache_dir to a larger disk, and start again.'
+    ) from None
 
 
 def commit(path: str, described: dict, num_shards: int) -> dict | None:
@@ -335,54 +341,148 @@ def ensure(
     return path, manifest, False
   described = description(data_config, split, tokenizer)
   num_shards = described['num_shards']
+
+  def prepare(todo):
+    log(f'token store: preparing split {split!r} into {path} (shards {todo} of {num_shards})')
+    prepare_shards(path, todo, num_shards, texts(), tokenizer, data_config.append_eos, log)
+
+  committed = lambda: commit(path, described, num_shards)
+  manifest, prepared = _prepare_share(
+    path, 'prepare', num_shards, 'shard', share, prepare, committed, log
+  )
+  if manifest['documents'] == 0:
+    raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no text')
+  return path, manifest, prepared
+
+
+def _prepare_share(path, what, num_shards, record_kind, share, prepare, commit_fn, log):
+  """(manifest, whether this call prepared shards): under this share's lock,
+  `prepare(todo)` writes the share's shards that have no `record_kind` JSON
+  yet; then `commit_fn()` is polled until every share's shards are there."""
   index, count = share
   fs.makedirs(path)
-  mine = list(range(index, num_shards, count))
-  with locks.Lock(path, f'.prepare-{index}-of-{count}.lock', f'preparing {path}', wait=True):
+  mine = range(index, num_shards, count)
+  with locks.Lock(path, f'.{what}-{index}-of-{count}.lock', f'preparing {path}', wait=True):
     todo = [
       s
       for s in mine
-      if not fs.exists(os.path.join(path, shard_name('shard', s, num_shards, 'json')))
+      if not fs.exists(os.path.join(path, shard_name(record_kind, s, num_shards, 'json')))
     ]
     if todo:
-      log(f'token store: preparing split {split!r} into {path} (shards {todo} of {num_shards})')
-      prepare_shards(path, todo, num_shards, texts(), tokenizer, data_config.append_eos, log)
+      prepare(todo)
   told = False
-  while (manifest := commit(path, described, num_shards)) is None:
+  while (manifest := commit_fn()) is None:
     if not told:
       log(f"token store: waiting for the other processes' shards of {path}")
       told = True
     time.sleep(_POLL_S)
-  if manifest['documents'] == 0:
-    raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no text')
-  return path, manifest, bool(todo)
+  return manifest, bool(todo)
+
+
+# ----------------------------------------------------------------------------
+# Packed rows (data.layout='packed'), one view per seq_len inside the store.
+
+
+def packed_directory(path: str, seq_len: int) -> str:
+  return os.path.join(path, f'packed-{seq_len}')
+
+
+def ensure_packed(
+  path: str, manifest: dict, seq_len: int, eos_id: int, share=(0, 1), log=print
+) -> tuple[str, dict, bool]:
+  """(path, manifest, whether this call packed shards) of the store's documents
+  packed into rows of `seq_len` (lmjax.data.packing): each token shard packed
+  into its own rows shard, by the process whose share it is, then committed
+  as the store's tokens are."""
+  packed = packed_directory(path, seq_len)
+  packed_manifest = read_manifest(packed)
+  if packed_manifest is not None:
+    verify(packed, packed_manifest)
+    return packed, packed_manifest, False
+  num_shards = manifest['num_shards']
+  dtype = token_dtype(len(manifest['unigrams']) + 2)
+
+  def prepare(todo):
+    log(f'token store: packing rows of {seq_len} into {packed} (shards {todo} of {num_shards})')
+    for shard in todo:
+      _pack_shard(path, manifest, shard, seq_len, eos_id, packed, dtype)
+
+  def commit_fn():
+    records = []
+    for shard in range(num_shards):
+      record = _read_json(os.path.join(packed, shard_name('rows', shard, num_shards, 'json')))
+      if record is None:
+        return None
+      records.append(record)
+    if read_manifest(packed) is None:
+      record = {
+        'format_version': FORMAT_VERSION,
+        'seq_len': seq_len,
+        'dtype': dtype.str,
+        'num_shards': num_shards,
+        'shard_rows': [r['rows'] for r in records],
+        'rows': sum(r['rows'] for r in records),
+        'files': {name: meta for r in records for name, meta in r['files'].items()},
+      }
+      _write_json(os.path.join(packed, 'manifest.json'), record)
+    return read_manifest(packed)
+
+  packed_manifest, prepared = _prepare_share(
+    packed, 'pack', num_shards, 'rows', share, prepare, commit_fn, log
+  )
+  return packed, packed_manifest, prepared
+
+
+def _pack_shard(path, manifest, shard, seq_len, eos_id, packed, dtype) -> None:
+  num_shards = manifest['num_shards']
+  tokens = _Records(
+    [os.path.join(path, shard_name('tokens', shard, num_shards))],
+    [manifest['shard_tokens'][shard]],
+    np.dtype(manifest['dtype']),
+  )
+  offsets = _Records(
+    [os.path.join(path, shard_name('documents', shard, num_shards))],
+    [manifest['shard_documents'][shard] + 1],
+    np.dtype('<i8'),
+  )
+  name = shard_name('rows', shard, num_shards)
+  writer = _Writer(os.path.join(packed, name), f'{os.getpid()}-{uuid.uuid4().hex[:8]}')
+  rows = 0
+
+  def emit(block):
+    nonlocal rows
+    writer.write(packing.encode(block).astype(dtype))
+    rows += len(block)
+
+  step = _OFFSETS_CHUNK
+  chunks = (offsets.read(i, i + step + 1) for i in range(0, max(len(offsets) - 1, 1), step))
+  try:
+    packing.pack_documents(chunks, tokens.read, seq_len, eos_id, emit)
+    files = {name: writer.commit()}
+  except BaseException as error:
+    writer.discard()
+    _raise_if_disk_full(error, packed)
+    raise
+  record = {'rows': rows, 'files': files}
+  _write_json(os.path.join(packed, shard_name('rows', shard, num_shards, 'json')), record)
 
 
 # ----------------------------------------------------------------------------
 # Reading.
 
 
-class Tokens:
-  """A split's tokens as one read-only int32 array over its shards, read on
-  demand: pread locally, ranged reads through tf.io.gfile on gs://. Supports
-  len(), slicing, integer-array indexing and `windows`."""
+class _Records:
+  """Fixed-width records (`width` values of `dtype` each) over shard files, read
+  on demand: pread locally, ranged reads through tf.io.gfile on gs://."""
 
-  def __init__(self, path: str, manifest: dict):
-    self.dtype = np.dtype(manifest['dtype'])
-    num_shards = manifest['num_shards']
-    self.files = [
-      os.path.join(path, shard_name('tokens', s, num_shards)) for s in range(num_shards)
-    ]
-    self.starts = np.concatenate([[0], np.cumsum(manifest['shard_tokens'])]).astype(np.int64)
-    self.remote = '://' in path
+  def __init__(self, files: list, counts: list, dtype, width: int = 1):
+    self.files, self.dtype, self.width = files, np.dtype(dtype), width
+    self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    self.remote = any('://' in f for f in files)
     self._files = {}
 
   def __len__(self) -> int:
     return int(self.starts[-1])
-
-  @property
-  def shape(self) -> tuple:
-    return (len(self),)
 
   def _shard(self, s: int):
     if s not in self._files:
@@ -397,25 +497,49 @@ class Tokens:
     # file in the page cache counts in the process' RSS (a 2 MB folio per
     # random window on this kernel: +0.6 GB over 20 steps of a 2 GB corpus),
     # while pread copies the window and leaves RSS flat.
-    shard, size = self._shard(s), self.dtype.itemsize
+    shard, size = self._shard(s), self.dtype.itemsize * self.width
     if not self.remote:
-      return np.frombuffer(os.pread(shard, (stop - start) * size, start * size), self.dtype)
-    shard.seek(start * size)
-    return np.frombuffer(shard.read((stop - start) * size), self.dtype)
+      data = os.pread(shard, (stop - start) * size, start * size)
+    else:
+      shard.seek(start * size)
+      data = shard.read((stop - start) * size)
+    if len(data) != (stop - start) * size:
+      raise StoreError(
+        f'token store file {self.files[s]} is shorter than its manifest says; '
+        f'{rebuild_hint(os.path.dirname(self.files[s]))}'
+      )
+    return np.frombuffer(data, self.dtype)
 
   def read(self, start: int, stop: int) -> np.ndarray:
-    """Tokens [start, stop) as int32, across shard boundaries."""
+    """Records [start, stop), across shard boundaries, flat (width values each)."""
     start, stop = max(0, int(start)), min(len(self), int(stop))
     if stop <= start:
-      return np.zeros(0, np.int32)
-    first = int(np.searchsorted(self.starts, start, 'right')) - 1
+      return np.zeros(0, self.dtype)
+    s = int(np.searchsorted(self.starts, start, 'right')) - 1
     pieces = []
-    s = first
     while start < stop:
       end = min(stop, int(self.starts[s + 1]))
       pieces.append(self._read(s, start - int(self.starts[s]), end - int(self.starts[s])))
       start, s = end, s + 1
-    return np.concatenate(pieces).astype(np.int32)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+class Tokens(_Records):
+  """A split's tokens as one read-only int32 array over its shards, read on
+  demand. Supports len(), slicing, integer-array indexing and `windows`."""
+
+  def __init__(self, path: str, manifest: dict):
+    num_shards = manifest['num_shards']
+    files = [os.path.join(path, shard_name('tokens', s, num_shards)) for s in range(num_shards)]
+    super().__init__(files, manifest['shard_tokens'], manifest['dtype'])
+
+  @property
+  def shape(self) -> tuple:
+    return (len(self),)
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) as int32, across shard boundaries."""
+    return super().read(start, stop).astype(np.int32)
 
   def windows(self, starts, length: int) -> np.ndarray:
     """[len(starts), length] int32: the tokens at starts[i] .. starts[i] + length."""
@@ -439,6 +563,28 @@ class Tokens:
   def __array__(self, dtype=None, copy=None):
     whole = self.read(0, len(self))
     return whole if dtype is None else whole.astype(dtype)
+
+
+class PackedRows:
+  """A store's rows packed to one seq_len (`ensure_packed`): len(), take(indices)
+  -> the batch arrays (lmjax.data.packing.decode), one read per row; [name]
+  reads a whole plane (for inspection and tests)."""
+
+  def __init__(self, path: str, manifest: dict):
+    self.seq_len, num_shards = manifest['seq_len'], manifest['num_shards']
+    files = [os.path.join(path, shard_name('rows', s, num_shards)) for s in range(num_shards)]
+    self.records = _Records(files, manifest['shard_rows'], manifest['dtype'], 2 * self.seq_len)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def take(self, indices) -> dict:
+    reads = [self.records.read(i, i + 1) for i in np.asarray(indices, np.int64).reshape(-1)]
+    stored = np.stack(reads) if reads else np.zeros((0, 2 * self.seq_len), self.records.dtype)
+    return packing.decode(stored.reshape(-1, 2, self.seq_len))
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self.take(np.arange(len(self)))[name]
 
 
 def document_offsets(path: str, manifest: dict) -> np.ndarray:

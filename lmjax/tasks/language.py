@@ -33,6 +33,11 @@ def _share() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def _packed_len(data_config) -> int:
+  """The row length the store packs to (0: the layout reads no packed rows)."""
+  return data_config.seq_len if data_config.layout == 'packed' else 0
+
+
 @dataclasses.dataclass
 class StreamData(base.TaskData):
   """Token streams of the splits; `masking` is the mlm objective's (None for lm)."""
@@ -61,8 +66,10 @@ class NextToken(base.Task):
   def load(self, config, tokenizer, splits=None) -> StreamData:
     data = config.data
     train_split, eval_split = splits or (data.train_split, data.eval_split)
-    train = pipeline.stored_split(data, tokenizer, train_split, _log, _share())
-    evaluated = pipeline.stored_split(data, tokenizer, eval_split, _log, _share())
+    train = pipeline.stored_split(data, tokenizer, train_split, _log, _share(), _packed_len(data))
+    evaluated = pipeline.stored_split(
+      data, tokenizer, eval_split, _log, _share(), _packed_len(data)
+    )
     return StreamData(
       train,
       evaluated,
@@ -73,7 +80,9 @@ class NextToken(base.Task):
     )
 
   def load_evaluation(self, config, derived, tokenizer, split) -> StreamData:
-    evaluated = pipeline.stored_split(config.data, tokenizer, split, _log, _share())
+    evaluated = pipeline.stored_split(
+      config.data, tokenizer, split, _log, _share(), _packed_len(config.data)
+    )
     return StreamData(None, evaluated, float('nan'), '', self.masking(config, tokenizer.vocab_size))
 
   def steps_per_epoch(self, config, data) -> int:
