@@ -4,8 +4,9 @@
         [--workdir DIR] [--splits train,validation,test] [--workers K] \
         [--num_shards N --shard_index I]
 
-Each split is tokenized once into `data.store_shards` shards (and with
-data.layout='packed', packed into rows of data.seq_len). `--workers K`
+Each split is tokenized once into `data.store_shards` shards (with
+data.layout='packed', also packed into rows of data.seq_len; with
+task='classify', as a labelled store of (text, label) examples). `--workers K`
 prepares this machine's shards in K processes; `--num_shards N --shard_index I`
 makes this machine one of N preparing the same store (each run with its own
 I, all pointing at one `data.cache_dir`, e.g. on gs://): each prepares the
@@ -27,9 +28,9 @@ from absl import flags
 
 from lmjax import config as config_lib
 from lmjax import fs
+from lmjax import tasks
 from lmjax import validation
 from lmjax.data import corpora
-from lmjax.data import pipeline
 from lmjax.data import store
 from lmjax.data import tokenizers
 
@@ -45,22 +46,7 @@ def _prepare_share(job: tuple) -> dict:
   tokenizer = tokenizers.from_json(tokenizer_json)
   tokenizer.threads = threads  # sentencepiece's own threads (other kinds have none)
   started = time.perf_counter()
-  texts = lambda: pipeline.texts(config.data, split)
-  path, manifest, prepared = store.ensure(config.data, split, tokenizer, texts, share, _log)
-  summary = {
-    'split': split,
-    'path': path,
-    'tokens': manifest['tokens'],
-    'documents': manifest['documents'],
-    'prepared': prepared,
-  }
-  if config.data.layout == 'packed':  # the rows training reads, packed once here
-    seq_len = config.data.seq_len
-    packed, packed_manifest, packed_now = store.ensure_packed(
-      path, manifest, seq_len, int(tokenizer.eos_id), share, _log
-    )
-    summary.update(packed_path=packed, packed_rows=packed_manifest['rows'])
-    summary['prepared'] = prepared or packed_now
+  summary = tasks.get(config.task).prepare(config, tokenizer, split, share, _log)
   summary['seconds'] = round(time.perf_counter() - started, 2)
   return summary
 
@@ -81,7 +67,7 @@ def prepare(
   validation.check(config)
   workdir = workdir or tempfile.mkdtemp(prefix='lmjax-prepare-')
   fs.makedirs(workdir)
-  train_texts = lambda: pipeline.texts(config.data, config.data.train_split)
+  train_texts = lambda: tasks.get(config.task).train_texts(config)
   tokenizer = tokenizers.for_run(config.tokenizer, workdir, train_texts)
   splits = splits or [config.data.train_split, config.data.eval_split]
   index, count = machine

@@ -40,7 +40,6 @@ from lmjax import tasks
 from lmjax import train_state
 from lmjax import validation
 from lmjax import watchdog
-from lmjax.data import pipeline
 from lmjax.data import tokenizers
 
 
@@ -52,7 +51,7 @@ def load_data(config, workdir, task: tasks.Task | None = None):
   if config.init_from:
     pretrained = finetune.open_pretrained(config.init_from, loop.log)
     finetune.check_tokenizer_config(pretrained, config.tokenizer)
-  train_texts = lambda: pipeline.texts(config.data, config.data.train_split)
+  train_texts = lambda: task.train_texts(config)
   tokenizer = tokenizers.for_run(
     config.tokenizer, workdir, train_texts, pretrained.tokenizer if pretrained else None
   )

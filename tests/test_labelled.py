@@ -115,3 +115,76 @@ def test_bad_labelled_files_say_which_file_line_and_field(tmp_path):
   config = config_for(path, **{'classify.num_classes': 1})
   with pytest.raises(corpora.CorpusError, match='at least 2'):
     labelled.load(config.data, config.classify, tokenizers.ByteTokenizer(), 16, ['train'])
+
+
+def write_examples(path, count, seed=0):
+  rng = np.random.default_rng(seed)
+  words = ['good', 'bad', 'fine', 'poor', 'great', 'awful', 'plain']
+  records = [
+    {'text': ' '.join(rng.choice(words, rng.integers(1, 12))), 'label': ['neg', 'pos'][i % 3 == 0]}
+    for i in range(count)
+  ]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  return records
+
+
+def test_labelled_rows_are_read_from_a_store_prepared_once(tmp_path, capsys):
+  """Over several shards of several blocks: every example once, its row the
+  text's tokens behind EOS, truncated; the second load reuses the store."""
+  from lmjax.data import pipeline
+  from lmjax.data import store
+
+  records = write_examples(tmp_path / 'train.jsonl', 2600)
+  write_examples(tmp_path / 'valid.jsonl', 50, seed=1)
+  overrides = {'data.cache_dir': str(tmp_path / 'stores'), 'data.store_shards': 3}
+  config = config_for(tmp_path / 'train.jsonl', tmp_path / 'valid.jsonl', **overrides)
+  tokenizer = tokenizers.ByteTokenizer()
+  splits, classes = labelled.load(config.data, config.classify, tokenizer, 24, ['train'])
+  assert classes == labelled.Classes(2, ('neg', 'pos'))
+  rows = splits['train'].rows
+  assert isinstance(rows, labelled.LabelledRows) and len(rows) == 2600
+  expected = sorted(
+    (tuple([tokenizer.eos_id, *tokenizer.encode(r['text'])[:23].tolist()]), r['label'] == 'pos')
+    for r in records
+  )
+  inputs, segments = rows['inputs'], rows['segment_ids']
+  found = sorted(
+    (tuple(inputs[i][segments[i] > 0].tolist()), bool(rows['targets'][i])) for i in range(2600)
+  )
+  assert found == expected
+  path = store.directory(config.data, 'train', tokenizer, 'label')
+  assert store.read_manifest(path)['shard_documents'] == [1024, 1024, 552]
+  labelled.load(config.data, config.classify, tokenizer, 24, ['train'], classes)
+  err = capsys.readouterr().err
+  assert err.count("token store prepared for labelled split 'train': 2,600 examples") == 1
+  assert "token store reused for labelled split 'train'" in err
+  # Batches are rows of the store, resumable bitwise and split over processes.
+  batches = lambda start, **kw: pipeline.row_batches(rows, 16, 5, start, **kw)
+  whole = [next(b) for b in [batches(0)] for _ in range(200)]
+  resumed = batches(170)
+  for a in whole[170:]:
+    b = next(resumed)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  halves = [next(batches(9, process_index=p, process_count=2)) for p in range(2)]
+  for key in whole[9]:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[9][key])
+
+
+def test_a_damaged_labels_file_is_named(tmp_path):
+  import os
+
+  from lmjax.data import store
+
+  write_examples(tmp_path / 'train.jsonl', 40)
+  config = config_for(
+    tmp_path / 'train.jsonl', tmp_path / 'train.jsonl', **{'data.cache_dir': str(tmp_path / 's')}
+  )
+  tokenizer = tokenizers.ByteTokenizer()
+  labelled.load(config.data, config.classify, tokenizer, 16, ['train'])
+  victim = os.path.join(
+    store.directory(config.data, 'train', tokenizer, 'label'), store.shard_name('labels', 0, 4)
+  )
+  os.truncate(victim, 8)
+  with pytest.raises(store.StoreError, match=f'token store file {victim} is truncated'):
+    labelled.load(config.data, config.classify, tokenizer, 16, ['train'])

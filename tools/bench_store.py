@@ -11,8 +11,10 @@ files), then, each in a fresh process so that peak RSS is its own:
     (`lmjax.prepare`): seconds, tokens/s, peak RSS;
   * runs a 20-step `lmjax.train` of configs/default.py's model on that store:
     wall seconds and peak RSS.
-On the `--sentencepiece_mb` corpus it also compares sentencepiece preparation
-with 1 and 2 workers against sentencepiece's own `encode` on the same text.
+With `--layout packed` every line is a document and preparation also packs
+the rows (measured together). On the `--sentencepiece_mb` corpus it also
+compares sentencepiece preparation with 1 and 2 workers against
+sentencepiece's own `encode` on the same text.
 """
 
 import json
@@ -33,6 +35,12 @@ flags.DEFINE_string('dir', '/tmp/lmjax_bench_store', 'Where corpora, stores and 
 flags.DEFINE_integer('train_steps', 20, 'Steps of each training run.')
 flags.DEFINE_integer('sentencepiece_mb', 32, 'Corpus for the sentencepiece comparison (0 = skip).')
 flags.DEFINE_string('source', SHAKESPEARE, 'Text whose lines are shuffled into the corpora.')
+flags.DEFINE_enum(
+  'layout',
+  'windows',
+  ['windows', 'packed'],
+  "data.layout: 'packed' makes every line a document, packed into rows at preparation.",
+)
 
 
 def make_corpus(directory: str, size_mb: int, source: str) -> str:
@@ -65,6 +73,8 @@ def corpus_flags(corpus: str, stores: str, tokenizer: str = 'bytes') -> list:
     '--config.data.validation_fraction=0.01',
     f'--config.data.cache_dir={stores}',
     f'--config.tokenizer.kind={tokenizer}',
+    f'--config.data.layout={flags.FLAGS.layout}',
+    f'--config.data.documents={"lines" if flags.FLAGS.layout == "packed" else ""}',
   ]
 
 
@@ -104,6 +114,7 @@ def prepare(
     'tokens': summary['tokens'],
     'tokens_per_sec': round(summary['tokens'] / summary['seconds']),
     'prepare_seconds': summary['seconds'],
+    **({'packed_rows': summary['packed_rows']} if 'packed_rows' in summary else {}),
   }
 
 
@@ -164,7 +175,8 @@ def main(argv):
       os.path.join(directory, f'run_{size}mb_{time.time_ns()}'),
       flags.FLAGS.train_steps,
     )
-    print(json.dumps({'corpus_mb': size, 'prepare_bytes': prepared, 'train': trained}), flush=True)
+    record = {'corpus_mb': size, 'layout': flags.FLAGS.layout}
+    print(json.dumps({**record, 'prepare_bytes': prepared, 'train': trained}), flush=True)
   if flags.FLAGS.sentencepiece_mb:
     size = flags.FLAGS.sentencepiece_mb
     corpus = make_corpus(os.path.join(directory, f'corpus_{size}mb'), size, flags.FLAGS.source)

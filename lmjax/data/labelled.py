@@ -1,37 +1,79 @@
 """Labelled text for sequence classification: (text, label) examples from a tfds
 corpus (`imdb_reviews`, `ag_news_subset`, `glue/sst2`, ...) or from local
-CSV, TSV or JSONL files, tokenized into fixed-length rows.
+CSV, TSV or JSONL files, tokenized once into a labelled token store
+(lmjax.data.store) and made into fixed-length rows on demand.
 
 Every row starts with the end-of-document token (as packed pre-training rows
 do), holds the text's first `seq_len - 1` tokens and is padded on the right;
 `segment_ids` is 1 on tokens and 0 on padding. Labels are class indices:
 integers as given, or text labels mapped by `classify.label_names` (sorted
-training labels when empty; the run's config records them).
+training labels when empty; the run's derived record keeps them).
 """
 
 import csv
 import dataclasses
 import json
 import os
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 
 from lmjax.data import cleaning
 from lmjax.data import corpora
+from lmjax.data import store
 
 FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelledSplit:
-  """One split as rows: inputs, positions, segment_ids [n, seq_len] (int32),
-  targets (the labels) [n] int32 and weights [n] float32."""
+  """One split as rows (`LabelledRows`, or a dict of arrays): inputs, positions,
+  segment_ids [n, seq_len] (int32), targets (the labels) [n] int32 and
+  weights [n] float32."""
 
-  rows: dict
+  rows: object
   num_classes: int
 
   def __len__(self) -> int:
     return len(self.rows['targets'])
+
+
+class LabelledRows:
+  """A labelled split's rows, read from its store row by row: len(),
+  take(indices) -> the batch arrays, and [name] for a whole column (the
+  targets and weights are in memory; the others are read whole, for
+  inspection and tests)."""
+
+  def __init__(self, examples: store.Examples, targets: np.ndarray, seq_len: int, eos_id: int):
+    self.examples, self.targets = examples, targets
+    self.seq_len, self.eos_id = seq_len, eos_id
+
+  def __len__(self) -> int:
+    return len(self.targets)
+
+  def take(self, indices) -> dict:
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    inputs = np.zeros((len(indices), self.seq_len), np.int32)
+    segment_ids = np.zeros((len(indices), self.seq_len), np.int32)
+    for row, index in enumerate(indices.tolist()):
+      ids = self.examples.tokens_of(index, self.seq_len - 1)
+      inputs[row, 0], inputs[row, 1 : len(ids) + 1] = self.eos_id, ids
+      segment_ids[row, : len(ids) + 1] = 1
+    return {
+      'inputs': inputs,
+      'segment_ids': segment_ids,
+      'positions': np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), inputs.shape).copy(),
+      'targets': self.targets[indices],
+      'weights': np.ones(len(indices), np.float32),
+    }
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    if name == 'targets':
+      return self.targets
+    if name == 'weights':
+      return np.ones(len(self), np.float32)
+    return self.take(np.arange(len(self)))[name]
 
 
 def _read_file(path: str, text_key: str, label_key: str) -> list[tuple[str, object]]:
@@ -70,44 +112,51 @@ def _pick(record, text_key: str, label_key: str, where: str):
   return str(record[text_key]), record[label_key]
 
 
-def _file_examples(data_config, classify_config, split: str):
+def _file_examples(data_config, classify_config, split: str) -> Iterator[tuple[str, object]]:
   """A local split: the examples of each part of `corpora.split_plan` (a share of a
-  file's examples, in order, where a text corpus would take a share of its lines)."""
-  examples = []
+  file's examples, in order, where a text corpus would take a share of its lines),
+  read a file at a time."""
   for path, start, end in corpora.checked_parts(data_config, split):
     records = _read_file(path, data_config.text_key, classify_config.label_key)
     position = np.arange(len(records)) / len(records)
-    examples += [r for r, p in zip(records, position) if start <= p < end]
-  return examples
+    yield from (r for r, p in zip(records, position) if start <= p < end)
 
 
-def _tfds_examples(data_config, classify_config, split: str):
+def _tfds_examples(data_config, classify_config, split: str) -> Iterator[tuple[str, object]]:
   text_key, label_key = data_config.text_key, classify_config.label_key
-  dataset, features = corpora.tfds_examples(data_config, split, [text_key, label_key])
-  examples = []
-  for example in dataset.as_numpy_iterator():
+  dataset, _ = corpora.tfds_examples(data_config, split, [text_key, label_key])
+  for example in dataset.prefetch(2).as_numpy_iterator():
     label = example[label_key]
-    examples.append(
-      (
-        example[text_key].decode('utf-8', errors='replace'),
-        label.decode('utf-8') if isinstance(label, bytes) else int(label),
-      )
+    yield (
+      example[text_key].decode('utf-8', errors='replace'),
+      label.decode('utf-8') if isinstance(label, bytes) else int(label),
     )
-  names = getattr(features[label_key], 'names', None)
-  return examples, names
+
+
+def declared_names(data_config, classify_config, split: str) -> list[str] | None:
+  """The label names a tfds corpus declares (a ClassLabel feature's), else None."""
+  if data_config.name == 'files':
+    return None
+  keys = [data_config.text_key, classify_config.label_key]
+  _, features = corpora.tfds_examples(data_config, split, keys)
+  return getattr(features[classify_config.label_key], 'names', None)
+
+
+def examples(data_config, classify_config, split: str) -> Iterator[tuple[str, object]]:
+  """The split's (text, raw label) examples, streamed, texts cleaned as for
+  language modelling (every example kept, however short)."""
+  source = _file_examples if data_config.name == 'files' else _tfds_examples
+  for text, label in source(data_config, classify_config, split):
+    yield cleaning.clean(text, data_config.clean), label
 
 
 def read_split(data_config, classify_config, split: str):
-  """(texts, raw labels, label names the source declares or None), cleaned as
-  for language modelling."""
-  if data_config.name == 'files':
-    examples, names = _file_examples(data_config, classify_config, split), None
-  else:
-    examples, names = _tfds_examples(data_config, classify_config, split)
-  if not examples:
+  """(texts, raw labels, label names the source declares or None), in memory."""
+  pairs = list(examples(data_config, classify_config, split))
+  if not pairs:
     raise corpora.CorpusError(f'split {split!r} of {data_config.name!r} has no examples')
-  texts = [cleaning.clean(text, data_config.clean) for text, _ in examples]
-  return texts, [label for _, label in examples], names
+  names = declared_names(data_config, classify_config, split)
+  return [text for text, _ in pairs], [label for _, label in pairs], names
 
 
 def label_names(classify_config, raw_labels, declared=None) -> list[str]:
@@ -153,27 +202,6 @@ def label_ids(raw_labels, names: list[str], num_classes: int, split: str) -> np.
   return ids
 
 
-def encode(texts, labels: np.ndarray, tokenizer, seq_len: int, num_classes: int) -> LabelledSplit:
-  """Tokenized rows: [EOS] + the text's first seq_len - 1 tokens, right-padded."""
-  rows = len(texts)
-  inputs = np.zeros((rows, seq_len), np.int32)
-  segment_ids = np.zeros((rows, seq_len), np.int32)
-  for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
-    ids = np.concatenate([[tokenizer.eos_id], np.asarray(ids, np.int32)[: seq_len - 1]])
-    inputs[i, : len(ids)] = ids
-    segment_ids[i, : len(ids)] = 1
-  return LabelledSplit(
-    rows={
-      'inputs': inputs,
-      'segment_ids': segment_ids,
-      'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-      'targets': labels.astype(np.int32),
-      'weights': np.ones(rows, np.float32),
-    },
-    num_classes=num_classes,
-  )
-
-
 @dataclasses.dataclass(frozen=True)
 class Classes:
   """A classifier's classes: their count and names in class order (() when the
@@ -198,16 +226,45 @@ def resolve_classes(data_config, classify_config, raw_labels, declared=None) -> 
   return Classes(num_classes, tuple(names))
 
 
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 def load(
-  data_config, classify_config, tokenizer, seq_len: int, splits, classes: Classes | None = None
+  data_config,
+  classify_config,
+  tokenizer,
+  seq_len: int,
+  splits,
+  classes: Classes | None = None,
+  log=_log,
+  share: tuple[int, int] = (0, 1),
 ) -> tuple[dict, Classes]:
-  """({split: LabelledSplit}, classes). Without `classes`, the first split is the
-  training split and resolves them (the config is not written to)."""
+  """({split: LabelledSplit}, classes), each split read from its labelled token
+  store (prepared first if missing, this process preparing its `share`).
+  Without `classes`, the first split is the training split and resolves them
+  from its distinct labels (the config is not written to)."""
   result = {}
   for split in splits:
-    texts, raw, declared = read_split(data_config, classify_config, split)
+    texts = lambda split=split: examples(data_config, classify_config, split)
+    label_key = classify_config.label_key
+    path, manifest, prepared = store.ensure(
+      data_config, split, tokenizer, texts, share, log, label_key
+    )
+    log(
+      f'token store {"prepared" if prepared else "reused"} for labelled split {split!r}: '
+      f'{manifest["documents"]:,} examples, {manifest["tokens"]:,} tokens ({path})'
+    )
+    stored = store.Examples(path, manifest)
+    shards = stored.labels()
     if classes is None:
-      classes = resolve_classes(data_config, classify_config, raw, declared)
-    ids = label_ids(raw, list(classes.names), classes.num_classes, split)
-    result[split] = encode(texts, ids, tokenizer, seq_len, classes.num_classes)
+      distinct = list({json.dumps(v): v for values, _ in shards for v in values}.values())
+      declared = declared_names(data_config, classify_config, split)
+      classes = resolve_classes(data_config, classify_config, distinct, declared)
+    names = list(classes.names)
+    targets = np.concatenate(
+      [label_ids(values, names, classes.num_classes, split)[index] for values, index in shards]
+    )
+    rows = LabelledRows(stored, targets.astype(np.int32), seq_len, int(tokenizer.eos_id))
+    result[split] = LabelledSplit(rows, classes.num_classes)
   return result, classes

@@ -91,9 +91,11 @@ def _source_description(data_config, split: str) -> dict:
   return source
 
 
-def description(data_config, split: str, tokenizer) -> dict:
-  """Everything the tokens depend on (what the key hashes, and the manifest keeps)."""
-  return {
+def description(data_config, split: str, tokenizer, label_key: str = '') -> dict:
+  """Everything the tokens depend on (what the key hashes, and the manifest keeps).
+  With `label_key`, a labelled store: one document per example, every example
+  kept and no EOS appended, and each example's label (the field `label_key`)."""
+  described = {
     'format_version': FORMAT_VERSION,
     'source': _source_description(data_config, split),
     'clean': data_config.clean.to_dict(),
@@ -103,13 +105,17 @@ def description(data_config, split: str, tokenizer) -> dict:
     'num_shards': data_config.store_shards,
     'tokenizer': tokenizer.fingerprint(),
   }
+  if label_key:
+    described.update(labels=label_key, documents='examples', append_eos=False)
+  return described
 
 
-def directory(data_config, split: str, tokenizer) -> str:
-  described = json.dumps(description(data_config, split, tokenizer), sort_keys=True)
+def directory(data_config, split: str, tokenizer, label_key: str = '') -> str:
+  described = json.dumps(description(data_config, split, tokenizer, label_key), sort_keys=True)
   key = hashlib.sha256(described.encode()).hexdigest()[:16]
   corpus = re.sub(r'[^A-Za-z0-9_.-]+', '_', data_config.name)
-  return os.path.join(default_cache_dir(data_config), corpus, f'{split}-{key}')
+  kind = 'labelled-' if label_key else ''
+  return os.path.join(default_cache_dir(data_config), corpus, f'{split}-{kind}{key}')
 
 
 def shard_name(kind: str, shard: int, num_shards: int, extension: str = 'bin') -> str:
@@ -222,41 +228,55 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class _Shard:
-  """One shard being written: its token and document files and its counts."""
+  """One shard being written: its token and document files (and a labelled
+  store's labels: per example, an int32 index into the shard's label values)
+  and its counts."""
 
-  def __init__(self, path: str, shard: int, num_shards: int, vocab_size: int):
+  def __init__(self, path: str, shard: int, num_shards: int, vocab_size: int, labelled=False):
     suffix = f'{os.getpid()}-{uuid.uuid4().hex[:8]}'
-    self.names = [shard_name(kind, shard, num_shards) for kind in ('tokens', 'documents')]
+    kinds = ('tokens', 'documents', 'labels') if labelled else ('tokens', 'documents')
+    self.names = [shard_name(kind, shard, num_shards) for kind in kinds]
     self.json_path = os.path.join(path, shard_name('shard', shard, num_shards, 'json'))
-    self.tokens, self.documents = (_Writer(os.path.join(path, n), suffix) for n in self.names)
+    self.writers = [_Writer(os.path.join(path, n), suffix) for n in self.names]
+    self.tokens, self.documents = self.writers[:2]
     self.documents.write(np.zeros(1, '<i8'))
     self.dtype = token_dtype(vocab_size)
     self.unigrams = np.zeros(vocab_size, np.int64)
     self.counts = {'tokens': 0, 'documents': 0, 'bytes': 0}
+    self.label_values = {} if labelled else None  # JSON of a label -> its index
 
-  def add(self, pieces: list, num_bytes: int) -> None:
+  def add(self, pieces: list, num_bytes: int, labels=None) -> None:
     lengths = np.array([len(piece) for piece in pieces], np.int64)
     if lengths.sum():
       tokens = np.concatenate(pieces)
       self.tokens.write(tokens.astype(self.dtype))
       self.unigrams += np.bincount(tokens, minlength=len(self.unigrams))[: len(self.unigrams)]
     self.documents.write(self.counts['tokens'] + np.cumsum(lengths).astype('<i8'))
+    if self.label_values is not None:
+      keys = [json.dumps(label) for label in labels]
+      index = [self.label_values.setdefault(key, len(self.label_values)) for key in keys]
+      self.writers[2].write(np.asarray(index, '<i4'))
     self.counts['tokens'] += int(lengths.sum())
     self.counts['documents'] += len(pieces)
     self.counts['bytes'] += num_bytes
 
   def commit(self) -> None:
-    files = dict(zip(self.names, (self.tokens.commit(), self.documents.commit())))
-    _write_json(self.json_path, {**self.counts, 'files': files, 'unigrams': self.unigrams.tolist()})
+    files = {name: writer.commit() for name, writer in zip(self.names, self.writers)}
+    record = {**self.counts, 'files': files, 'unigrams': self.unigrams.tolist()}
+    if self.label_values is not None:
+      record['label_values'] = [json.loads(key) for key in self.label_values]
+    _write_json(self.json_path, record)
 
   def discard(self) -> None:
-    self.tokens.discard()
-    self.documents.discard()
+    for writer in self.writers:
+      writer.discard()
 
 
-def prepare_shards(path, shards, num_shards, texts, tokenizer, append_eos, log) -> None:
-  """One pass over `texts` (the split's cleaned documents) writing `shards`."""
-  writing = {s: _Shard(path, s, num_shards, tokenizer.vocab_size) for s in shards}
+def prepare_shards(path, shards, num_shards, texts, tokenizer, append_eos, log, labelled=False):
+  """One pass over `texts` (the split's cleaned documents, or (text, label)
+  examples when `labelled`) writing `shards`."""
+  vocab_size = tokenizer.vocab_size
+  writing = {s: _Shard(path, s, num_shards, vocab_size, labelled) for s in shards}
   eos = np.array([tokenizer.eos_id] if append_eos else [], np.int32)
   started, tokens_done, block, batch, chars = time.perf_counter(), 0, 0, [], 0
 
@@ -264,18 +284,20 @@ def prepare_shards(path, shards, num_shards, texts, tokenizer, append_eos, log) 
     nonlocal tokens_done, chars
     shard = writing.get(block % num_shards)
     if shard is not None and batch:
+      strings = [item[0] for item in batch] if labelled else batch
       pieces = [
-        np.concatenate([np.asarray(ids, np.int32), eos]) for ids in tokenizer.encode_batch(batch)
+        np.concatenate([np.asarray(ids, np.int32), eos]) for ids in tokenizer.encode_batch(strings)
       ]
-      shard.add(pieces, sum(len(text.encode('utf-8')) for text in batch))
+      labels = [item[1] for item in batch] if labelled else None
+      shard.add(pieces, sum(len(text.encode('utf-8')) for text in strings), labels)
       tokens_done += sum(len(piece) for piece in pieces)
     batch.clear()
     chars = 0
 
   try:
-    for text in texts:
-      batch.append(text)
-      chars += len(text)
+    for item in texts:
+      batch.append(item)
+      chars += len(item[0] if labelled else item)
       if len(batch) == BLOCK or chars >= BLOCK_CHARS:
         flush()
         block += 1
@@ -321,6 +343,8 @@ def commit(path: str, described: dict, num_shards: int) -> dict | None:
     'unigrams': np.sum([r['unigrams'] for r in records], axis=0).tolist(),
     'files': {name: meta for r in records for name, meta in r['files'].items()},
   }
+  if 'label_values' in records[0]:
+    manifest['shard_label_values'] = [r['label_values'] for r in records]
   manifest['dtype'] = token_dtype(len(manifest['unigrams'])).str
   if read_manifest(path) is None:  # identical content whoever commits
     _write_json(os.path.join(path, 'manifest.json'), manifest)
@@ -328,30 +352,41 @@ def commit(path: str, described: dict, num_shards: int) -> dict | None:
 
 
 def ensure(
-  data_config, split: str, tokenizer, texts, share: tuple[int, int] = (0, 1), log=print
+  data_config,
+  split: str,
+  tokenizer,
+  texts,
+  share: tuple[int, int] = (0, 1),
+  log=print,
+  label_key: str = '',
 ) -> tuple[str, dict, bool]:
   """(path, manifest, whether this call prepared shards). Prepares this share's
   missing shards (share (i, n): the shards s with s mod n = i), then waits for
   the others' (other processes of the run, or other machines) and commits. An
-  existing store is reused once its files' sizes and checksums match."""
-  path = directory(data_config, split, tokenizer)
+  existing store is reused once its files' sizes and checksums match.
+  `texts()` yields the split's documents, or with `label_key` its (text,
+  label) examples (a labelled store, read by `Examples`)."""
+  path = directory(data_config, split, tokenizer, label_key)
   manifest = read_manifest(path)
   if manifest is not None:
     verify(path, manifest)
     return path, manifest, False
-  described = description(data_config, split, tokenizer)
+  described = description(data_config, split, tokenizer, label_key)
   num_shards = described['num_shards']
 
   def prepare(todo):
     log(f'token store: preparing split {split!r} into {path} (shards {todo} of {num_shards})')
-    prepare_shards(path, todo, num_shards, texts(), tokenizer, data_config.append_eos, log)
+    append_eos = described['append_eos']
+    labelled = bool(label_key)
+    prepare_shards(path, todo, num_shards, texts(), tokenizer, append_eos, log, labelled)
 
   committed = lambda: commit(path, described, num_shards)
   manifest, prepared = _prepare_share(
     path, 'prepare', num_shards, 'shard', share, prepare, committed, log
   )
   if manifest['documents'] == 0:
-    raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no text')
+    what = 'examples' if label_key else 'text'
+    raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no {what}')
   return path, manifest, prepared
 
 
@@ -597,3 +632,37 @@ def document_offsets(path: str, manifest: dict) -> np.ndarray:
       offsets = np.frombuffer(f.read(), '<i8')
     pieces.append(offsets[:-1] + starts[s])
   return np.concatenate(pieces + [starts[-1:]]).astype(np.int64)
+
+
+class Examples:
+  """A labelled store's examples (`ensure(..., label_key=...)`): each one's
+  tokens read on demand, and the labels of all of them."""
+
+  def __init__(self, path: str, manifest: dict):
+    self.path, self.manifest = path, manifest
+    self.tokens = Tokens(path, manifest)
+    num_shards = manifest['num_shards']
+    self.offsets = [
+      _Records([os.path.join(path, shard_name('documents', s, num_shards))], [count + 1], '<i8')
+      for s, count in enumerate(manifest['shard_documents'])
+    ]
+    self.first = np.concatenate([[0], np.cumsum(manifest['shard_documents'])]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self.first[-1])
+
+  def tokens_of(self, index: int, limit: int) -> np.ndarray:
+    """Example `index`'s first `limit` tokens (int32)."""
+    s = int(np.searchsorted(self.first, index, 'right')) - 1
+    local = index - int(self.first[s])
+    start, end = self.offsets[s].read(local, local + 2) + self.tokens.starts[s]
+    return self.tokens.read(start, min(end, start + limit))
+
+  def labels(self) -> list[tuple[list, np.ndarray]]:
+    """Per shard: (its distinct label values, each example's index into them)."""
+    num_shards = self.manifest['num_shards']
+    result = []
+    for s, values in enumerate(self.manifest['shard_label_values']):
+      with fs.open(os.path.join(self.path, shard_name('labels', s, num_shards)), 'rb') as f:
+        result.append((values, np.frombuffer(f.read(), '<i4')))
+    return result

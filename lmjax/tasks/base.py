@@ -10,12 +10,30 @@ a classifier), so the step needs no task switch either.
 """
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
+import jax
+
 from lmjax import derived as derived_lib
 from lmjax import models
+from lmjax.data import pipeline
+
+
+def log(message: str) -> None:
+  """Token-store lines, on stderr (lmjax.evaluate's stdout is its JSON). Every
+  process says what it prepares (its share differs); process 0 the rest."""
+  if jax.process_count() == 1:
+    print(message, file=sys.stderr, flush=True)
+  elif message.startswith('token store: preparing') or jax.process_index() == 0:
+    print(f'[process {jax.process_index()}] {message}', file=sys.stderr, flush=True)
+
+
+def share() -> tuple[int, int]:
+  """This process' share of a token store's shards to prepare."""
+  return jax.process_index(), jax.process_count()
 
 
 @dataclasses.dataclass
@@ -42,6 +60,16 @@ class Task:
 
   def load(self, config, tokenizer, splits: tuple[str, str] | None = None) -> TaskData:
     """Reads the training and evaluation splits (`splits` overrides the config's)."""
+    raise NotImplementedError
+
+  def train_texts(self, config) -> Iterator[str]:
+    """The training split's texts, streamed: what a new vocabulary is built from."""
+    return pipeline.texts(config.data, config.data.train_split)
+
+  def prepare(self, config, tokenizer, split: str, share=(0, 1), log=print) -> dict:
+    """Prepares (or finds) the split's token store, this process preparing its
+    `share` of the shards (lmjax.prepare); returns a summary: split, path,
+    tokens, documents, prepared (whether this call wrote shards)."""
     raise NotImplementedError
 
   def load_evaluation(self, config, derived: derived_lib.Derived, tokenizer, split) -> TaskData:

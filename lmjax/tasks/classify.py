@@ -19,6 +19,7 @@ from lmjax import watchdog
 from lmjax.data import corpora
 from lmjax.data import labelled
 from lmjax.data import pipeline
+from lmjax.data import store
 from lmjax.tasks import base
 
 
@@ -69,8 +70,9 @@ class Classify(base.Task):
   def load(self, config, tokenizer, splits=None) -> LabelledData:
     data = config.data
     train_split, eval_split = splits or (data.train_split, data.eval_split)
+    splits = [train_split, eval_split]
     loaded, classes = labelled.load(
-      data, config.classify, tokenizer, data.seq_len, [train_split, eval_split]
+      data, config.classify, tokenizer, data.seq_len, splits, None, base.log, base.share()
     )
     train, evaluated = loaded[train_split], loaded[eval_split]
     counts = np.bincount(train.rows['targets'], minlength=classes.num_classes).tolist()
@@ -83,10 +85,34 @@ class Classify(base.Task):
       classes,
     )
 
+  def train_texts(self, config):
+    examples = labelled.examples(config.data, config.classify, config.data.train_split)
+    return (text for text, _ in examples)
+
+  def prepare(self, config, tokenizer, split, share=(0, 1), log=print) -> dict:
+    texts = lambda: labelled.examples(config.data, config.classify, split)
+    path, manifest, prepared = store.ensure(
+      config.data, split, tokenizer, texts, share, log, config.classify.label_key
+    )
+    return {
+      'split': split,
+      'path': path,
+      'tokens': manifest['tokens'],
+      'documents': manifest['documents'],
+      'prepared': prepared,
+    }
+
   def load_evaluation(self, config, derived, tokenizer, split) -> LabelledData:
     classes = labelled.Classes(derived.num_classes, derived.label_names)
     loaded, _ = labelled.load(
-      config.data, config.classify, tokenizer, config.data.seq_len, [split], classes
+      config.data,
+      config.classify,
+      tokenizer,
+      config.data.seq_len,
+      [split],
+      classes,
+      base.log,
+      base.share(),
     )
     return LabelledData(None, loaded[split], float('nan'), '', classes)
 

@@ -8,7 +8,6 @@ mlm  masked-token prediction with the bidirectional encoder: the same stream
 """
 
 import dataclasses
-import sys
 
 import jax
 import numpy as np
@@ -16,21 +15,8 @@ import numpy as np
 from lmjax import evaluation
 from lmjax import models
 from lmjax.data import pipeline
+from lmjax.data import store
 from lmjax.tasks import base
-
-
-def _log(message: str) -> None:
-  """Token-store lines, on stderr (lmjax.evaluate's stdout is its JSON). Every
-  process says what it prepares (its share differs); process 0 the rest."""
-  if jax.process_count() == 1:
-    print(message, file=sys.stderr, flush=True)
-  elif message.startswith('token store: preparing') or jax.process_index() == 0:
-    print(f'[process {jax.process_index()}] {message}', file=sys.stderr, flush=True)
-
-
-def _share() -> tuple[int, int]:
-  """This process' share of a token store's shards to prepare."""
-  return jax.process_index(), jax.process_count()
 
 
 def _packed_len(data_config) -> int:
@@ -66,9 +52,9 @@ class NextToken(base.Task):
   def load(self, config, tokenizer, splits=None) -> StreamData:
     data = config.data
     train_split, eval_split = splits or (data.train_split, data.eval_split)
-    train = pipeline.stored_split(data, tokenizer, train_split, _log, _share(), _packed_len(data))
-    evaluated = pipeline.stored_split(
-      data, tokenizer, eval_split, _log, _share(), _packed_len(data)
+    train, evaluated = (
+      pipeline.stored_split(data, tokenizer, split, base.log, base.share(), _packed_len(data))
+      for split in (train_split, eval_split)
     )
     return StreamData(
       train,
@@ -79,9 +65,28 @@ class NextToken(base.Task):
       self.masking(config, tokenizer.vocab_size),
     )
 
+  def prepare(self, config, tokenizer, split, share=(0, 1), log=print) -> dict:
+    data = config.data
+    texts = lambda: pipeline.texts(data, split)
+    path, manifest, prepared = store.ensure(data, split, tokenizer, texts, share, log)
+    summary = {
+      'split': split,
+      'path': path,
+      'tokens': manifest['tokens'],
+      'documents': manifest['documents'],
+      'prepared': prepared,
+    }
+    if _packed_len(data):  # the rows training reads, packed once here
+      packed, packed_manifest, packed_now = store.ensure_packed(
+        path, manifest, data.seq_len, int(tokenizer.eos_id), share, log
+      )
+      summary.update(packed_path=packed, packed_rows=packed_manifest['rows'])
+      summary['prepared'] = prepared or packed_now
+    return summary
+
   def load_evaluation(self, config, derived, tokenizer, split) -> StreamData:
     evaluated = pipeline.stored_split(
-      config.data, tokenizer, split, _log, _share(), _packed_len(config.data)
+      config.data, tokenizer, split, base.log, base.share(), _packed_len(config.data)
     )
     return StreamData(None, evaluated, float('nan'), '', self.masking(config, tokenizer.vocab_size))
 
