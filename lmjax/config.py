@@ -200,12 +200,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.lora_rank = 8  # LoRA: rank of each adapter.
   c.finetune.lora_alpha = 16.0  # LoRA: the adapters' update is scaled by alpha / rank.
   c.finetune.lora_targets = (
-    r'(qkv|out|up|down|gate_up)/kernel$'  # LoRA: regex over parameter paths.
+    r'(qkv|query|key_value|out|up|down|gate_up)/kernel$'  # LoRA: regex over parameter paths.
   )
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.kind = 'bytes'  # 'bytes', 'chars', 'words' or 'sentencepiece'.
-  c.tokenizer.model_file = ''  # sentencepiece: a given .model ('' = train one on train_split).
+  c.tokenizer.kind = 'bytes'  # 'bytes', 'chars', 'words', 'sentencepiece' or 'huggingface'.
+  # sentencepiece: a given .model ('' = train one on train_split); huggingface: a
+  # model directory or its tokenizer.json.
+  c.tokenizer.model_file = ''
   c.tokenizer.vocab_size = 4096  # sentencepiece: vocabulary size to train.
   c.tokenizer.model_type = 'bpe'  # sentencepiece: 'bpe' or 'unigram'.
   c.tokenizer.sample_chars = 10_000_000  # Characters of training text a vocabulary is built from.
@@ -225,9 +227,30 @@ def base_config() -> ml_collections.ConfigDict:
     0.0  # Recurrent models: uniform(-s, s) init of every parameter (0 = 1/sqrt(hidden)).
   )
   c.model.mlp_dim = 0  # MLP hidden width (0 = 4 * embed_dim, or 8/3 * embed_dim for swiglu).
-  c.model.mlp = 'gelu'  # 'gelu' or 'swiglu'.
+  c.model.mlp = 'gelu'  # 'gelu' (tanh approximation, GPT-2), 'gelu_exact' (BERT) or 'swiglu'.
   c.model.positions = 'learned'  # 'learned' or 'rope'.
   c.model.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'.
+  c.model.norm_eps = 0.0  # Norm epsilon (0 = 1e-5 for layernorm, 1e-6 for rmsnorm).
+  c.model.block = 'pre_norm'  # 'pre_norm', or 'post_norm' (BERT: norm after each residual sum).
+  c.model.num_kv_heads = 0  # Grouped-query attention: key/value heads (0 = num_heads).
+  c.model.head_dim = 0  # Width of each attention head (0 = embed_dim / num_heads).
+  c.model.bias = False  # Biases on every projection (GPT-2, BERT).
+  c.model.qkv_bias = False  # Biases on the query, key and value projections only (Qwen2).
+  c.model.rope_theta = 10_000.0  # RoPE base.
+  c.model.rope_scaling = ml_collections.ConfigDict()  # RoPE frequency scaling.
+  c.model.rope_scaling.kind = ''  # '' (none) or 'llama3'.
+  c.model.rope_scaling.factor = 8.0
+  c.model.rope_scaling.low_freq_factor = 1.0
+  c.model.rope_scaling.high_freq_factor = 4.0
+  c.model.rope_scaling.original_max_len = 8192
+  c.model.type_vocab_size = 0  # BERT token types: > 0 adds type 0's embedding to every token.
+  c.model.head_transform = False  # BERT's masked-LM head: dense, activation, norm, then output.
+  c.model.output_bias = False  # A bias on the output logits (BERT).
+  c.model.max_len = 0  # Positions: learned table rows and the decode cache (0 = data.seq_len).
+  # Embedding rows (0 = the tokenizer's vocabulary, [MASK] added for encoders,
+  # padded to vocab_multiple); an imported model's own, at least the tokenizer's.
+  c.model.vocab_size = 0
+  c.model.mask_id = -1  # The encoder's [MASK] id (-1 = one more id after the tokenizer's).
   c.model.dropout = 0.0  # Dropout on embeddings and residual branches.
   c.model.tie_embeddings = True  # Share the input embedding with the output projection.
   c.model.vocab_multiple = 1  # Pad the vocabulary to a multiple of this (e.g. 128 on TPU).

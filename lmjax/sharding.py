@@ -32,6 +32,7 @@ LOGICAL_RULES = (
   ('hidden', None),  # recurrent models: hidden units (outputs)
   ('hidden_in', 'fsdp'),  # recurrent models: hidden units (inputs of W_hh)
   ('classes', None),  # classifier head: output classes
+  ('types', None),  # BERT's token-type embedding rows
 )
 
 

@@ -38,6 +38,8 @@ CHOICES = {
   'model.mlp': layers.MLPS,
   'model.norm': layers.NORMS,
   'model.positions': transformer.POSITIONS,
+  'model.block': transformer.BLOCKS,
+  'model.rope_scaling.kind': layers.ROPE_SCALINGS,
   'model.remat': tuple(transformer.REMAT_POLICIES),
   'model.dtype': DTYPES,
   'model.param_dtype': DTYPES,
@@ -86,10 +88,16 @@ def check(config) -> None:
   if config.train.num_steps < 1 and config.train.num_epochs < 1:
     raise config_lib.ConfigError('train.num_steps (or train.num_epochs) must be positive')
   if config.model.family in ('transformer', 'encoder'):
-    if config.model.embed_dim % config.model.num_heads:
+    model = config.model
+    if not model.head_dim and model.embed_dim % model.num_heads:
       raise config_lib.ConfigError(
-        f'model.embed_dim={config.model.embed_dim} is not divisible by '
-        f'model.num_heads={config.model.num_heads}'
+        f'model.embed_dim={model.embed_dim} is not divisible by '
+        f'model.num_heads={model.num_heads} (or set model.head_dim)'
+      )
+    if model.num_kv_heads < 0 or (model.num_kv_heads and model.num_heads % model.num_kv_heads):
+      raise config_lib.ConfigError(
+        f'model.num_heads={model.num_heads} must be a multiple of '
+        f'model.num_kv_heads={model.num_kv_heads} (0 = num_heads)'
       )
   try:
     tasks.check(config)

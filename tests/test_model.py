@@ -217,3 +217,50 @@ def test_cpu_gelu_matches_flax_in_value_and_gradient():
   np.testing.assert_array_equal(jax.jit(layers.materialize)(x), x)
   poisoned = x.at[0, 0, 0].set(jnp.nan)
   assert bool(jnp.all(jnp.isnan(jax.jit(layers.materialize)(poisoned))))
+
+
+def test_grouped_query_attention_is_attention_over_repeated_key_value_heads():
+  """A model with 2 key/value heads for 4 query heads equals, in loss and in
+  gradient, the multi-head model whose key/value heads are those 2 repeated
+  (as transformers' repeat_kv does); its decode cache holds 2 heads."""
+  settings = dict(num_heads=4, positions='rope', mlp='swiglu', norm='rmsnorm')
+  gqa = models.build_model(model_config(num_kv_heads=2, **settings), 50, 16)
+  mha = models.build_model(model_config(**settings), 50, 16)
+  params = init_params(gqa)
+  rng = np.random.default_rng(0)
+  batch = batch_of(rng.integers(0, 50, (3, 17)))
+
+  def repeated(p):
+    p = jax.tree.map(lambda x: x, p)
+    for name in [k for k in p if k.startswith('block_')]:
+      attention = dict(p[name]['attention'])
+      query = attention.pop('query')['kernel']  # [embed, 4, hd]
+      key_value = attention.pop('key_value')['kernel']  # [embed, 2, 2, hd]
+      kv = jnp.repeat(key_value, 2, axis=2)  # kv head k serves query heads 2k, 2k + 1
+      attention['qkv'] = {'kernel': jnp.concatenate([query[:, None], kv], axis=1)}
+      p[name] = {**p[name], 'attention': attention}
+    return p
+
+  def loss(model, p):
+    logits, _ = steps.apply_model(model, p, batch, deterministic=True)
+    losses, _ = steps.token_losses(logits, batch['targets'])
+    return losses.mean()
+
+  value, grads = jax.value_and_grad(functools.partial(loss, gqa))(params)
+  reference, reference_grads = jax.value_and_grad(
+    lambda p: loss(mha, repeated(p))  # the gradient flows back through the repeat
+  )(params)
+  assert np.allclose(value, loss(mha, repeated(params)), atol=1e-6)
+  np.testing.assert_allclose(value, reference, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # The key/value cache is kv_heads wide.
+  _, cache = gqa.apply(
+    {'params': params},
+    jnp.zeros((3, 1), jnp.int32),
+    positions=jnp.zeros((3, 1), jnp.int32),
+    decode=True,
+    mutable=['cache'],
+  )
+  key_shape = cache['cache']['block_0']['attention']['key'].shape
+  assert key_shape == (3, 16, 2, 8)  # [batch, cache, kv_heads, head_dim]

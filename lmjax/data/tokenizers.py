@@ -1,4 +1,4 @@
-"""Tokenizers: bytes, characters, words and sentencepiece.
+"""Tokenizers: bytes, characters, words, sentencepiece and Hugging Face's.
 
 Each tokenizer is fully described by `to_json()` (the sentencepiece model is
 embedded), which lmjax saves in the workdir and inside every checkpoint, so
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece
+import tokenizers as hf_tokenizers
 
 from lmjax import fs
 
@@ -322,6 +323,93 @@ class SentencePieceTokenizer(Tokenizer):
     return {'kind': self.kind, 'model': base64.b64encode(self.model_proto).decode('ascii')}
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (byte-level BPE as GPT-2's and Llama 3's,
+  WordPiece as BERT's, ...) run by the `tokenizers` library, with the model's
+  special tokens: `eos_id` is its end-of-text token (BERT: [SEP]), and bos,
+  pad, mask, cls, sep and unk are kept by name in `specials`. Text is encoded
+  without the model's template of special tokens: lmjax adds EOS itself."""
+
+  kind = 'huggingface'
+  SPECIALS = ('eos', 'bos', 'pad', 'mask', 'cls', 'sep', 'unk')
+
+  def __init__(self, tokenizer_json: str, specials: dict):
+    self.tokenizer_json, self.specials = tokenizer_json, dict(specials)
+    self.tokenizer = hf_tokenizers.Tokenizer.from_str(tokenizer_json)
+    self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+    eos = self.specials.get('eos', self.specials.get('sep'))
+    if eos is None:
+      raise TokenizerError(
+        'the Hugging Face tokenizer names no end-of-text token (eos_token, or sep_token); '
+        'set eos_token in its tokenizer_config.json'
+      )
+    self.eos_id = int(eos)
+    self._bytes = None
+
+  @classmethod
+  def load(cls, path: str) -> 'HuggingFaceTokenizer':
+    """From a model directory (or its tokenizer.json): the special tokens come
+    from tokenizer_config.json / special_tokens_map.json, else config.json's ids."""
+    directory = path if fs.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, 'tokenizer.json') if fs.isdir(path) else path
+    if not fs.exists(file):
+      raise TokenizerError(
+        f'{file} is missing: tokenizer.kind=huggingface reads a tokenizer.json '
+        '(for a SentencePiece-only model, use tokenizer.kind=sentencepiece with '
+        'tokenizer.model_file=DIR/tokenizer.model)'
+      )
+    with fs.open(file) as f:
+      tokenizer_json = f.read()
+    vocabulary = hf_tokenizers.Tokenizer.from_str(tokenizer_json)
+    specials = {}
+    for name in ('special_tokens_map.json', 'tokenizer_config.json'):
+      record = _read_json_file(os.path.join(directory, name))
+      for kind in cls.SPECIALS:
+        token = record.get(f'{kind}_token')
+        token = token.get('content') if isinstance(token, dict) else token
+        if isinstance(token, str) and vocabulary.token_to_id(token) is not None:
+          specials.setdefault(kind, vocabulary.token_to_id(token))
+    model = _read_json_file(os.path.join(directory, 'config.json'))
+    for kind in ('eos', 'bos', 'pad'):
+      value = model.get(f'{kind}_token_id')
+      value = value[0] if isinstance(value, list) and value else value
+      if isinstance(value, int) and kind not in specials:
+        specials[kind] = value
+    return cls(tokenizer_json, specials)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encoded]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def token_bytes(self) -> np.ndarray:
+    if self._bytes is None:
+      special = set(self.specials.values())
+      self._bytes = np.array(
+        [
+          0 if i in special else len(self.tokenizer.decode([i]).encode('utf-8'))
+          for i in range(self.vocab_size)
+        ],
+        np.int32,
+      )
+    return self._bytes
+
+  def to_json(self) -> dict:
+    return {'kind': self.kind, 'tokenizer_json': self.tokenizer_json, 'specials': self.specials}
+
+
+def _read_json_file(path: str) -> dict:
+  if not fs.exists(path):
+    return {}
+  with fs.open(path) as f:
+    return json.load(f)
+
+
 def from_json(data: dict) -> Tokenizer:
   kind = data.get('kind')
   if kind == 'bytes':
@@ -332,10 +420,12 @@ def from_json(data: dict) -> Tokenizer:
     return WordTokenizer(data['words'], data['split'])
   if kind == 'sentencepiece':
     return SentencePieceTokenizer(base64.b64decode(data['model']))
+  if kind == 'huggingface':
+    return HuggingFaceTokenizer(data['tokenizer_json'], data['specials'])
   raise TokenizerError(f'unknown tokenizer kind {kind!r}; expected one of {", ".join(KINDS)}')
 
 
-KINDS = ('bytes', 'chars', 'words', 'sentencepiece')
+KINDS = ('bytes', 'chars', 'words', 'sentencepiece', 'huggingface')
 
 
 def build(tokenizer_config, train_texts) -> Tokenizer:
@@ -361,6 +451,13 @@ def build(tokenizer_config, train_texts) -> Tokenizer:
       tokenizer_config.model_type,
       tokenizer_config.sample_chars,
     )
+  if kind == 'huggingface':
+    if not tokenizer_config.model_file:
+      raise TokenizerError(
+        'tokenizer.kind=huggingface needs tokenizer.model_file: a Hugging Face model '
+        'directory or its tokenizer.json'
+      )
+    return HuggingFaceTokenizer.load(tokenizer_config.model_file)
   raise TokenizerError(f'unknown tokenizer.kind {kind!r}; expected one of {", ".join(KINDS)}')
 
 

@@ -20,12 +20,13 @@ is_recurrent = recurrent.is_recurrent  # defined there, so that the classifier c
 
 
 def mask_token_id(model_config, vocab_size: int) -> int:
-  """The encoder's [MASK] token: the id after the tokenizer's vocabulary."""
+  """The encoder's [MASK] token: model.mask_id (an imported tokenizer's), else the
+  id after the tokenizer's vocabulary."""
   if model_config.family != 'encoder':
     raise ValueError(
       f"the masked-LM objective needs model.family='encoder'; got {model_config.family!r}"
     )
-  return vocab_size
+  return model_config.mask_id if model_config.mask_id >= 0 else vocab_size
 
 
 def build_model(

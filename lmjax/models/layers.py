@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ('layernorm', 'rmsnorm')  # model.norm
-MLPS = ('gelu', 'swiglu')  # model.mlp
+MLPS = ('gelu', 'gelu_exact', 'swiglu')  # model.mlp
+NORM_EPS = {'layernorm': 1e-5, 'rmsnorm': 1e-6}  # model.norm_eps = 0
+ROPE_SCALINGS = ('', 'llama3')  # model.rope_scaling.kind
 
 Dtype = Any
 default_init = nn.initializers.normal(stddev=0.02)
@@ -57,12 +59,25 @@ def gelu(x):
   return nn.gelu(x, approximate=True)
 
 
+def activation(kind: str):
+  """The MLP's activation: tanh-approximated GELU ('gelu', GPT-2's), the exact
+  erf GELU ('gelu_exact', BERT's), or SiLU (the gate of 'swiglu')."""
+  if kind == 'gelu':
+    return gelu
+  if kind == 'gelu_exact':
+    return functools.partial(nn.gelu, approximate=False)
+  if kind == 'swiglu':
+    return nn.silu
+  raise ValueError(f'model.mlp must be one of {", ".join(MLPS)}; got {kind!r}')
+
+
 def partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
 class Einsum(nn.Module):
-  """A projection `einsum(equation, x, kernel)` with a kernel of any rank.
+  """A projection `einsum(equation, x, kernel)` with a kernel of any rank, and
+  with `use_bias` a bias over the kernel's last `bias_dims` axes (the output's).
 
   The kernel is created at its true shape with its logical axis names (flax's
   DenseGeneral flattens multi-axis kernels, which breaks their constraints
@@ -73,6 +88,8 @@ class Einsum(nn.Module):
   names: tuple
   equation: str
   init_scale: float = 1.0
+  use_bias: bool = False
+  bias_dims: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -81,41 +98,71 @@ class Einsum(nn.Module):
     init = nn.initializers.normal(stddev=0.02 * self.init_scale)
     kernel = self.param('kernel', partitioned(init, self.names), self.shape, self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jnp.einsum(self.equation, x, kernel)
+    y = jnp.einsum(self.equation, x, kernel)
+    if self.use_bias:
+      shape, names = self.shape[-self.bias_dims :], self.names[-self.bias_dims :]
+      bias = self.param('bias', partitioned(nn.initializers.zeros, names), shape, self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
 
 
 class Norm(nn.Module):
-  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+  """LayerNorm or RMSNorm over the last axis, computed in float32 (`eps` 0: the
+  kind's default)."""
 
   kind: str = 'layernorm'
+  eps: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    if self.kind not in NORMS:
+      raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
     scale_init = partitioned(nn.initializers.ones, ('embed',))
+    eps = self.eps or NORM_EPS[self.kind]
     if self.kind == 'layernorm':
       norm = nn.LayerNorm(
-        epsilon=1e-5,
+        epsilon=eps,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         scale_init=scale_init,
         bias_init=partitioned(nn.initializers.zeros, ('embed',)),
       )
-    elif self.kind == 'rmsnorm':
-      norm = nn.RMSNorm(
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init
-      )
     else:
-      raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
+      norm = nn.RMSNorm(
+        epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype, scale_init=scale_init
+      )
     return norm(x)
 
 
-def rope(x, positions, base: float = 10_000.0):
-  """Rotary position embedding of [batch, length, heads, head_dim] at positions [batch, length]."""
-  head_dim = x.shape[-1]
+def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: tuple = ()) -> jax.Array:
+  """RoPE's inverse frequencies [head_dim / 2] (float32). `scaling` ('llama3',
+  factor, low_freq_factor, high_freq_factor, original_max_len) stretches the
+  low frequencies for a longer context as Llama 3.1 does: wavelengths beyond
+  original_max_len / low_freq_factor are divided by `factor`, those below
+  original_max_len / high_freq_factor kept, and those between interpolated."""
   fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inverse_frequency = base**-fraction  # [head_dim / 2]
+  inverse = 1.0 / (jnp.float32(theta) ** fraction)
+  if not scaling:
+    return inverse
+  kind, factor, low, high, original = scaling
+  if kind != 'llama3':
+    raise ValueError(f"model.rope_scaling.kind must be '' or 'llama3'; got {kind!r}")
+  wavelength = 2 * jnp.pi / inverse
+  smooth = (original / wavelength - low) / (high - low)
+  scaled = jnp.where(wavelength > original / low, inverse / factor, inverse)
+  between = (wavelength <= original / low) & (wavelength >= original / high)
+  return jnp.where(between, (1 - smooth) * inverse / factor + smooth * inverse, scaled)
+
+
+def rope(x, positions, inverse_frequency=None):
+  """Rotary position embedding of [batch, length, heads, head_dim] at positions
+  [batch, length]: the two halves of each head rotated (the layout Hugging Face
+  checkpoints use), at `rope_frequencies` (theta 10,000 when not given)."""
+  head_dim = x.shape[-1]
+  if inverse_frequency is None:
+    inverse_frequency = rope_frequencies(head_dim)
   angles = positions[:, :, None, None].astype(jnp.float32) * inverse_frequency  # [b, l, 1, half]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -126,15 +173,27 @@ def rope(x, positions, base: float = 10_000.0):
 def attention(query, key, value, mask=None, causal: bool = True):
   """softmax(q k^T / sqrt(d) + mask) v over [batch, length, heads, kv], with the
   causal mask (decoder) or without (encoder), and `mask` [batch, 1, q, k] on top;
-  scores and softmax in float32. Written out rather than jax.nn.dot_product_attention:
-  on CPU, XLA then keeps the heads-major layout batched matmuls want (about 2 % of
-  the shakespeare_char step)."""
-  length, head_dim = query.shape[1], query.shape[-1]
-  q = jnp.einsum('bqhk->bhqk', query) * jnp.asarray(head_dim**-0.5, query.dtype)
-  scores = jnp.einsum('bhqk,bshk->bhqs', q, key, preferred_element_type=jnp.float32)
-  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None] if causal else None
+  scores and softmax in float32. Fewer key/value heads than query heads is
+  grouped-query attention: query head h reads key/value head h // (heads /
+  kv_heads), as if each were repeated. Written out rather than
+  jax.nn.dot_product_attention: on CPU, XLA then keeps the heads-major layout
+  batched matmuls want (about 2 % of the shakespeare_char step)."""
+  batch, length, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  scale = jnp.asarray(head_dim**-0.5, query.dtype)
+  allowed = jnp.tril(jnp.ones((length, key.shape[1]), bool))[None, None] if causal else None
   if mask is not None:
     allowed = mask if allowed is None else allowed & mask
+  if kv_heads != heads:  # grouped: [batch, kv_heads, groups, q, k]
+    q = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim) * scale
+    scores = jnp.einsum('bqkgd,bskd->bkgqs', q, key, preferred_element_type=jnp.float32)
+    if allowed is not None:
+      scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    out = jnp.einsum('bkgqs,bskd->bqkgd', probs, value)
+    return out.reshape(batch, length, heads, head_dim)
+  q = jnp.einsum('bqhk->bhqk', query) * scale
+  scores = jnp.einsum('bhqk,bshk->bhqs', q, key, preferred_element_type=jnp.float32)
   if allowed is not None:
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
@@ -142,15 +201,23 @@ def attention(query, key, value, mask=None, causal: bool = True):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention, causal (decoder) or bidirectional (encoder): one
-  fused QKV projection, then `attention`. With `segment_ids` [batch, length], a
-  token attends only within its segment (0 = padding)."""
+  """Multi-head self-attention, causal (decoder) or bidirectional (encoder):
+  one fused QKV projection (with `num_kv_heads` < `num_heads`, grouped-query
+  attention: a query projection and a fused key/value one of fewer heads),
+  then `attention`. With `segment_ids` [batch, length], a token attends only
+  within its segment (0 = padding)."""
 
   num_heads: int
   causal: bool = True
   use_rope: bool = False
   out_init_scale: float = 1.0  # Residual projections are scaled down by depth.
   cache_len: int = 0  # decode: tokens the key/value cache holds (the model's context)
+  num_kv_heads: int = 0  # 0 = num_heads
+  head_dim: int = 0  # 0 = embed_dim / num_heads
+  use_bias: bool = False  # biases on the query/key/value and output projections
+  qkv_bias: bool = False  # biases on the query/key/value projections only
+  rope_theta: float = 10_000.0
+  rope_scaling: tuple = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -159,26 +226,55 @@ class SelfAttention(nn.Module):
     """x [batch, length, embed]. With `decode`, x is one token per row at absolute
     position `positions` [batch, 1] (the same for every row): its key and value go
     into a ring-buffer cache of the last `cache_len` tokens (the 'cache'
-    collection, created zeroed on first use), and the token attends to the cache.
-    With RoPE, attention depends only on relative positions, so the ring buffer
-    keeps working past cache_len (a sliding window)."""
+    collection, created zeroed on first use; kv_heads wide, so grouped-query
+    attention shrinks it by heads / kv_heads), and the token attends to the
+    cache. With RoPE, attention depends only on relative positions, so the ring
+    buffer keeps working past cache_len (a sliding window)."""
     embed_dim = x.shape[-1]
-    if embed_dim % self.num_heads:
+    if not self.head_dim and embed_dim % self.num_heads:
       raise ValueError(
         f'model.embed_dim={embed_dim} is not divisible by model.num_heads={self.num_heads}'
       )
-    head_dim = embed_dim // self.num_heads
-    einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
-    # Projected in the matmul's natural [batch, length, qkv, heads, kv] layout.
-    qkv = einsum(
-      (embed_dim, 3, self.num_heads, head_dim),
-      ('embed', 'qkv', 'heads', 'kv'),
-      'bld,dthk->blthk',
-      name='qkv',
-    )(x)
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, kv]
+    heads, kv_heads = self.num_heads, self.num_kv_heads or self.num_heads
+    if heads % kv_heads:
+      raise ValueError(
+        f'model.num_heads={heads} is not a multiple of model.num_kv_heads={kv_heads}'
+      )
+    head_dim = self.head_dim or embed_dim // heads
+    einsum = functools.partial(
+      Einsum,
+      use_bias=self.use_bias or self.qkv_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    if kv_heads == heads:  # fused, in the matmul's natural [batch, length, qkv, heads, kv]
+      qkv = einsum(
+        (embed_dim, 3, heads, head_dim),
+        ('embed', 'qkv', 'heads', 'kv'),
+        'bld,dthk->blthk',
+        bias_dims=3,
+        name='qkv',
+      )(x)
+      query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, length, heads, kv]
+    else:
+      query = einsum(
+        (embed_dim, heads, head_dim),
+        ('embed', 'heads', 'kv'),
+        'bld,dhk->blhk',
+        bias_dims=2,
+        name='query',
+      )(x)
+      key_value = einsum(
+        (embed_dim, 2, kv_heads, head_dim),
+        ('embed', 'qkv', 'heads', 'kv'),
+        'bld,dthk->blthk',
+        bias_dims=3,
+        name='key_value',
+      )(x)
+      key, value = key_value[:, :, 0], key_value[:, :, 1]  # [batch, length, kv_heads, kv]
     if self.use_rope:
-      query, key = rope(query, positions), rope(key, positions)
+      frequencies = rope_frequencies(head_dim, self.rope_theta, self.rope_scaling)
+      query, key = rope(query, positions, frequencies), rope(key, positions, frequencies)
     if decode:
       if not self.causal:
         raise ValueError('a bidirectional encoder cannot decode token by token')
@@ -196,6 +292,7 @@ class SelfAttention(nn.Module):
       ('heads', 'kv', 'embed'),
       'blhk,hkd->bld',
       init_scale=self.out_init_scale,
+      use_bias=self.use_bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name='out',
@@ -216,28 +313,36 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU MLP, or SwiGLU with fused gate and up projections."""
+  """GELU MLP (tanh-approximated or exact), or SwiGLU with fused gate and up
+  projections; `use_bias` adds biases to every projection."""
 
   hidden_dim: int
   kind: str = 'gelu'
   out_init_scale: float = 1.0
+  use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):  # [batch, length, embed]
     embed_dim = x.shape[-1]
-    einsum = functools.partial(Einsum, dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.kind == 'gelu':
-      hidden = einsum((embed_dim, self.hidden_dim), ('embed', 'mlp'), 'bld,df->blf', name='up')(x)
-      hidden = gelu(hidden)
-    elif self.kind == 'swiglu':
+    einsum = functools.partial(
+      Einsum, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    act = activation(self.kind)
+    if self.kind == 'swiglu':
       gate_up = einsum(
-        (embed_dim, 2, self.hidden_dim), ('embed', 'qkv', 'mlp'), 'bld,dtf->bltf', name='gate_up'
+        (embed_dim, 2, self.hidden_dim),
+        ('embed', 'qkv', 'mlp'),
+        'bld,dtf->bltf',
+        bias_dims=2,
+        name='gate_up',
       )(x)
-      hidden = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+      hidden = act(gate_up[..., 0, :]) * gate_up[..., 1, :]
     else:
-      raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.kind!r}")
+      hidden = act(
+        einsum((embed_dim, self.hidden_dim), ('embed', 'mlp'), 'bld,df->blf', name='up')(x)
+      )
     hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
     return einsum(
       (self.hidden_dim, embed_dim),

@@ -40,17 +40,41 @@ class ModelConfig:
   init_scale: float = 0.0  # recurrent: uniform(-s, s) for every parameter; 0 = 1/sqrt(hidden)
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter storage dtype
+  norm_eps: float = 0.0  # 0 = the norm's default (1e-5 layernorm, 1e-6 rmsnorm)
+  block: str = 'pre_norm'  # or 'post_norm' (BERT)
+  num_kv_heads: int = 0  # grouped-query attention (0 = num_heads)
+  head_dim: int = 0  # 0 = embed_dim / num_heads
+  bias: bool = False  # biases on every projection
+  qkv_bias: bool = False  # biases on the query/key/value projections
+  rope_theta: float = 10_000.0
+  rope_scaling: tuple = ()  # ('llama3', factor, low_freq, high_freq, original_max_len)
+  type_vocab_size: int = 0  # BERT token types
+  head_transform: bool = False  # BERT's masked-LM head transform
+  output_bias: bool = False
+  mask_id: int = -1  # the encoder's [MASK] (-1: the id after the tokenizer's vocabulary)
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int, max_len: int) -> 'ModelConfig':
     """From the ml_collections section `config.model`; `vocab_size` is the
     tokenizer's (the encoder adds [MASK] after it, then it is padded to
     model.vocab_multiple)."""
-    if model_config.family == 'encoder':
+    mask_id = model_config.mask_id
+    if model_config.family == 'encoder' and mask_id < 0:
+      mask_id = vocab_size
       vocab_size += 1  # [MASK]
+    if model_config.vocab_size:
+      if model_config.vocab_size < vocab_size:
+        raise ValueError(
+          f'model.vocab_size={model_config.vocab_size} is smaller than the tokenizer '
+          f'needs ({vocab_size} ids)'
+        )
+      vocab_size = model_config.vocab_size
+    else:
+      vocab_size = padded_vocab_size(vocab_size, model_config.vocab_multiple)
+    scaling = model_config.rope_scaling
     return cls(
-      vocab_size=padded_vocab_size(vocab_size, model_config.vocab_multiple),
-      max_len=max_len,
+      vocab_size=vocab_size,
+      max_len=model_config.max_len or max_len,
       family=model_config.family,
       num_layers=model_config.num_layers,
       num_heads=model_config.num_heads,
@@ -66,12 +90,42 @@ class ModelConfig:
       init_scale=model_config.init_scale,
       dtype=jnp.dtype(model_config.dtype),
       param_dtype=jnp.dtype(model_config.param_dtype),
+      norm_eps=model_config.norm_eps,
+      block=model_config.block,
+      num_kv_heads=model_config.num_kv_heads,
+      head_dim=model_config.head_dim,
+      bias=model_config.bias,
+      qkv_bias=model_config.qkv_bias,
+      rope_theta=model_config.rope_theta,
+      rope_scaling=(
+        (
+          scaling.kind,
+          scaling.factor,
+          scaling.low_freq_factor,
+          scaling.high_freq_factor,
+          scaling.original_max_len,
+        )
+        if scaling.kind
+        else ()
+      ),
+      type_vocab_size=model_config.type_vocab_size,
+      head_transform=model_config.head_transform,
+      output_bias=model_config.output_bias,
+      mask_id=mask_id,
     )
 
   @property
   def causal(self) -> bool:
     # Derived, not a field, so that it cannot disagree with the family.
     return self.family != 'encoder'
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def attention_head_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
 
   @property
   def mlp_hidden_dim(self) -> int:

@@ -21,14 +21,21 @@ REMAT_POLICIES = {
 }
 
 
+BLOCKS = ('pre_norm', 'post_norm')  # model.block
+
+
 class Block(nn.Module):
-  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+  """Residual block. Pre-norm (GPT-2, Llama): x + attention(norm(x)), then
+  x + mlp(norm(x)). Post-norm (BERT): norm(x + attention(x)), then
+  norm(x + mlp(x))."""
 
   config: model_config.ModelConfig
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool = False):
     c = self.config  # x: [batch, length, embed]
+    if c.block not in BLOCKS:
+      raise ValueError(f"model.block must be 'pre_norm' or 'post_norm', got {c.block!r}")
     kinds = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     # Residual projections are scaled down by depth (GPT-2).
     out_init_scale = 1.0 / math.sqrt(2 * c.num_layers)
@@ -38,18 +45,31 @@ class Block(nn.Module):
       use_rope=c.positions == 'rope',
       out_init_scale=out_init_scale,
       cache_len=c.max_len,
+      num_kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim,
+      use_bias=c.bias,
+      qkv_bias=c.qkv_bias,
+      rope_theta=c.rope_theta,
+      rope_scaling=c.rope_scaling,
       name='attention',
       **kinds,
     )
-    h = attention(
-      layers.Norm(c.norm, name='attention_norm', **kinds)(x), positions, segment_ids, decode
-    )
-    x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
     mlp = layers.Mlp(
-      c.mlp_hidden_dim, kind=c.mlp, out_init_scale=out_init_scale, name='mlp', **kinds
+      c.mlp_hidden_dim,
+      kind=c.mlp,
+      out_init_scale=out_init_scale,
+      use_bias=c.bias,
+      name='mlp',
+      **kinds,
     )
-    h = mlp(layers.Norm(c.norm, name='mlp_norm', **kinds)(x))
-    x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    norm = lambda name: layers.Norm(c.norm, c.norm_eps, name=name, **kinds)
+    drop = lambda h: nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    if c.block == 'post_norm':
+      x = norm('attention_norm')(x + drop(attention(x, positions, segment_ids, decode)))
+      x = norm('mlp_norm')(x + drop(mlp(x)))
+    else:
+      x = x + drop(attention(norm('attention_norm')(x), positions, segment_ids, decode))
+      x = x + drop(mlp(norm('mlp_norm')(x)))
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
 
@@ -103,6 +123,19 @@ class TransformerLM(nn.Module):
         embedding_init=layers.partitioned(layers.default_init, ('length', 'embed')),
       )
       x = x + position_table(positions)
+    if c.type_vocab_size:  # BERT: every token is of type 0 (one segment per row)
+      types = self.param(
+        'type_embed',
+        layers.partitioned(layers.default_init, ('types', 'embed')),
+        (c.type_vocab_size, c.embed_dim),
+        c.param_dtype,
+      )
+      x = x + jnp.asarray(types[0], c.dtype)
+    norm = lambda name: layers.Norm(
+      c.norm, c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name
+    )
+    if c.block == 'post_norm':  # BERT normalises the embeddings, and not the output
+      x = norm('embed_norm')(x)
     x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if c.remat not in REMAT_POLICIES:
@@ -116,9 +149,21 @@ class TransformerLM(nn.Module):
     )
     for i in range(c.num_layers):
       x = block(c, name=f'block_{i}')(x, positions, segment_ids, deterministic, decode)
-    x = layers.Norm(c.norm, dtype=c.dtype, param_dtype=c.param_dtype, name='final_norm')(x)
+    if c.block != 'post_norm':
+      x = norm('final_norm')(x)
     if not head:
       return x
+    if c.head_transform:  # BERT's masked-LM head: dense, activation, norm
+      x = layers.Einsum(
+        (c.embed_dim, c.embed_dim),
+        ('embed', 'mlp'),
+        'bld,de->ble',
+        use_bias=True,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        name='head_transform',
+      )(x)
+      x = norm('head_norm')(layers.activation(c.mlp)(x))
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -130,4 +175,12 @@ class TransformerLM(nn.Module):
         param_dtype=c.param_dtype,
         name='unembed',
       )(x)
+    if c.output_bias:
+      bias = self.param(
+        'output_bias',
+        layers.partitioned(nn.initializers.zeros, ('vocab',)),
+        (c.vocab_size,),
+        c.param_dtype,
+      )
+      logits = logits + jnp.asarray(bias, logits.dtype)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
