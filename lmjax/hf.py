@@ -749,6 +749,9 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
   ignored = sorted(n for n in weights.where if n not in used and not n.endswith(_BUFFERS))
   if ignored:
     log(f'hf import: {len(ignored)} tensor(s) not used by lmjax: {", ".join(ignored[:6])}')
+  # The tokenizer travels in the run (and every checkpoint), so the config does
+  # not point at the import machine's files: a pod's hosts need not have them.
+  config.tokenizer.model_file = ''
   fs.makedirs(workdir)
   tokenizers.for_run(config.tokenizer, workdir, None, tokenizer)
   record.save(workdir)
