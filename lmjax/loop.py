@@ -162,8 +162,8 @@ class Loop:
     tokens_per_step = config.train.batch_size * config.data.seq_len
     self.progress = Progress(
       tokens_per_step,
-      metrics_lib.flops_per_token(run.model, run.num_params) * tokens_per_step,
-      metrics_lib.measure_peak_flops(),
+      metrics_lib.flops_per_token(run.model, run.num_params, config.data.seq_len) * tokens_per_step,
+      metrics_lib.peak_flops(config.model.dtype)[0],
     )
     self.eval_records = {}  # step -> eval metrics, written with that step's train record
     self.saved_at = None  # the step of the last save

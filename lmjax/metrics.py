@@ -1,4 +1,6 @@
-"""Metric records (JSON lines + TensorBoard), FLOP counts and the matmul peak."""
+"""Metric records (JSON lines + TensorBoard), FLOP counts and the peak they are
+divided by: the vendor's dense peak on a known accelerator, the measured
+matmul on CPU."""
 
 import functools
 import json
@@ -67,8 +69,9 @@ def summarize(sums: dict) -> dict:
   return result
 
 
-def flops_per_token(model, num_params: int) -> float:
-  """Training FLOPs per token: 6 x matmul parameters + causal attention (PaLM's count).
+def flops_per_token(model, num_params: int, seq_len: int = 0) -> float:
+  """Training FLOPs per token: 6 x matmul parameters + causal attention (PaLM's count)
+  over `seq_len` tokens of context (0: the model's max_len).
 
   The learned position table is a lookup, not a matmul, so it is left out; so
   is a recurrent model's untied input embedding. A classifier counts as its
@@ -80,7 +83,7 @@ def flops_per_token(model, num_params: int) -> float:
     lookup = 0 if c.tie_embeddings else c.vocab_size * c.embed_dim
     return 6.0 * (num_params - lookup)
   matmul_params = num_params - (c.max_len * c.embed_dim if c.positions == 'learned' else 0)
-  attention = 12 * c.num_layers * c.max_len * c.embed_dim
+  attention = 12 * c.num_layers * (seq_len or c.max_len) * c.num_heads * c.attention_head_dim
   return 6.0 * matmul_params + attention
 
 
@@ -103,3 +106,48 @@ def measure_peak_flops(size: int = 1536, repeats: int = 4) -> float:
     y.block_until_ready()
     best = max(best, 2.0 * size**3 * repeats / (time.perf_counter() - start))
   return best if device.platform == 'cpu' else best * jax.local_device_count()
+
+
+# Dense matmul peak FLOP/s per chip, from the vendors' data sheets: (bfloat16,
+# float32), matched against jax's `device_kind` in this order. TPUs: XLA runs
+# float32 matmuls at its default precision as bfloat16 passes, so the float32
+# column is the bfloat16 peak. NVIDIA: float32 is TF32 on the tensor cores,
+# which XLA uses for float32 dots by default; the figures are SXM, without
+# sparsity. MaxText and Levanter divide by the same bfloat16 figures.
+VENDOR_PEAKS = (
+  ('TPU v4', 275e12, 275e12),
+  ('TPU v5 lite', 197e12, 197e12),  # v5e
+  ('TPU v5e', 197e12, 197e12),
+  ('TPU v5', 459e12, 459e12),  # v5p
+  ('TPU v6 lite', 918e12, 918e12),  # v6e (Trillium)
+  ('TPU v6e', 918e12, 918e12),
+  ('H200', 989.4e12, 494.7e12),
+  ('H100', 989.4e12, 494.7e12),
+  ('A100', 312e12, 156e12),
+)
+
+
+def vendor_peak(device_kind: str, dtype: str = 'float32') -> float | None:
+  """One chip's dense peak for a compute dtype ('bfloat16' / 'float16' use the
+  16-bit column), or None for a device not in VENDOR_PEAKS (a CPU)."""
+  for name, half, single in VENDOR_PEAKS:
+    if name.lower() in device_kind.lower():
+      return half if str(dtype) in ('bfloat16', 'float16') else single
+  return None
+
+
+def peak_flops(dtype: str = 'float32') -> tuple[float, str]:
+  """(FLOP/s of this process' devices, 'vendor' or 'measured'): the vendor's
+  peak times the local chips on a known accelerator, else `measure_peak_flops`."""
+  devices = jax.local_devices()
+  peak = vendor_peak(devices[0].device_kind, dtype)
+  if peak is not None:
+    return peak * len(devices), 'vendor'
+  return measure_peak_flops(), 'measured'
+
+
+def hardware_flops_ratio(remat: str) -> float:
+  """Hardware FLOPs over model FLOPs: full rematerialisation runs each block's
+  forward pass twice (8 instead of 6 FLOPs per parameter and token); 'dots'
+  keeps the matmuls, so only cheap elementwise work is recomputed."""
+  return 8.0 / 6.0 if remat == 'full' else 1.0

@@ -29,6 +29,11 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
   c.positions = 'rope'
   rope = metrics.flops_per_token(models.build_model(c, 257, 128), params)
   assert rope == 6 * params + 12 * 4 * 128 * 128
+  # An imported GPT-2 keeps its 1,024-row position table but trains on 128 tokens:
+  # the table is left out whole, and attention counts the context trained on.
+  c.positions, c.max_len = 'learned', 1024
+  imported = metrics.flops_per_token(models.build_model(c, 257, 128), params, seq_len=128)
+  assert imported == 6 * (params - 1024 * 128) + 12 * 4 * 128 * 128
 
 
 def test_metric_writer_appends_json_lines(tmp_path):
@@ -62,3 +67,17 @@ def tensorboard_scalars(directory) -> dict:
       for value in event.summary.value:
         scalars[(value.tag, event.step)] = round(float(tf.make_ndarray(value.tensor)), 6)
   return scalars
+
+
+def test_mfu_divides_by_the_vendors_peak_on_known_chips_and_the_measured_one_on_cpu():
+  assert metrics.vendor_peak('TPU v4', 'bfloat16') == 275e12
+  assert metrics.vendor_peak('TPU v5 lite', 'bfloat16') == 197e12  # v5e's device_kind
+  assert metrics.vendor_peak('TPU v5', 'bfloat16') == 459e12  # v5p's
+  assert metrics.vendor_peak('TPU v6 lite', 'float32') == 918e12
+  assert metrics.vendor_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4e12
+  assert metrics.vendor_peak('NVIDIA H200', 'float32') == 494.7e12
+  assert metrics.vendor_peak('NVIDIA A100-SXM4-80GB', 'float32') == 156e12
+  assert metrics.vendor_peak('cpu', 'float32') is None
+  peak, source = metrics.peak_flops('float32')  # this machine: CPU devices
+  assert source == 'measured' and peak == metrics.measure_peak_flops() > 0
+  assert metrics.hardware_flops_ratio('full') == 8 / 6 and metrics.hardware_flops_ratio('dots') == 1

@@ -2,6 +2,8 @@
 shared by training and the benchmark."""
 
 import importlib.util
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -63,3 +65,18 @@ def test_the_benchmark_times_the_step_training_runs(corpus_dir, tmp_path):
   _, from_training = run.train_step(run.state, global_batch, rng)
   for name in ('loss_sum', 'weight_sum', 'grad_norm'):
     np.testing.assert_array_equal(np.asarray(from_bench[name]), np.asarray(from_training[name]))
+
+
+def test_model_step_sharding_checkpoint_and_metrics_modules_load_without_tensorflow():
+  """Only the data layer (and object-store paths) need TensorFlow: GPU images often lack it."""
+  modules = 'models steps sharding checkpoint train_state metrics loop fs'.split()
+  code = (
+    'import sys\n'
+    + ''.join(f'import lmjax.{m}\n' for m in modules)
+    + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"
+  )
+  done = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip().splitlines()[-1] == '[]'

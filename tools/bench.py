@@ -212,8 +212,9 @@ def main(argv):
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   tokens = batch_size * seq_len
-  flops = metrics.flops_per_token(model, num_params) * tokens
-  peak = metrics.measure_peak_flops()
+  flops = metrics.flops_per_token(model, num_params, seq_len) * tokens
+  peak, peak_source = metrics.peak_flops(config.model.dtype)
+  hardware = flops * metrics.hardware_flops_ratio(config.model.remat)
   print(
     json.dumps(
       {
@@ -236,8 +237,10 @@ def main(argv):
         'tokens_per_sec': tokens / step_s,
         'first_step_s': first_step_s,  # compile + one step
         'model_gflops_per_sec': flops / step_s / 1e9,
-        'mfu': flops / step_s / peak,
+        'mfu': flops / step_s / peak,  # model FLOPs
+        'hfu': hardware / step_s / peak,  # hardware FLOPs (remat recomputation counted)
         'peak_flops': peak,
+        'peak_source': peak_source,  # 'vendor' (data sheet) or 'measured' (CPU matmul)
         'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         'loss': float(out['loss_sum'] / out['weight_sum']),
       }
