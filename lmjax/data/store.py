@@ -325,14 +325,22 @@ def _raise_if_disk_full(error: BaseException, path: str) -> None:
     ) from None
 
 
-def commit(path: str, described: dict, num_shards: int) -> dict | None:
-  """The manifest, written once every shard's JSON is there (None before that)."""
+def _shard_records(path: str, kind: str, num_shards: int) -> list[dict] | None:
+  """Every shard's `kind` JSON record, or None while one is still missing."""
   records = []
   for shard in range(num_shards):
-    record = _read_json(os.path.join(path, shard_name('shard', shard, num_shards, 'json')))
+    record = _read_json(os.path.join(path, shard_name(kind, shard, num_shards, 'json')))
     if record is None:
       return None
     records.append(record)
+  return records
+
+
+def commit(path: str, described: dict, num_shards: int) -> dict | None:
+  """The manifest, written once every shard's JSON is there (None before that)."""
+  records = _shard_records(path, 'shard', num_shards)
+  if records is None:
+    return None
   manifest = {
     **described,
     'tokens': sum(r['tokens'] for r in records),
@@ -443,12 +451,9 @@ def ensure_packed(
       _pack_shard(path, manifest, shard, seq_len, eos_id, packed, dtype)
 
   def commit_fn():
-    records = []
-    for shard in range(num_shards):
-      record = _read_json(os.path.join(packed, shard_name('rows', shard, num_shards, 'json')))
-      if record is None:
-        return None
-      records.append(record)
+    records = _shard_records(packed, 'rows', num_shards)
+    if records is None:
+      return None
     if read_manifest(packed) is None:
       record = {
         'format_version': FORMAT_VERSION,
