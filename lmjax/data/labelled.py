@@ -230,6 +230,22 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+def ensure_split(
+  data_config, classify_config, tokenizer, split: str, log=_log, share=(0, 1)
+) -> tuple[str, dict, bool]:
+  """(path, manifest, whether this call prepared shards) of the split's labelled
+  token store (lmjax.data.store), prepared first if missing; one log line."""
+  texts = lambda: examples(data_config, classify_config, split)
+  path, manifest, prepared = store.ensure(
+    data_config, split, tokenizer, texts, share, log, classify_config.label_key
+  )
+  log(
+    f'token store {"prepared" if prepared else "reused"} for labelled split {split!r}: '
+    f'{manifest["documents"]:,} examples, {manifest["tokens"]:,} tokens ({path})'
+  )
+  return path, manifest, prepared
+
+
 def load(
   data_config,
   classify_config,
@@ -246,15 +262,7 @@ def load(
   from its distinct labels (the config is not written to)."""
   result = {}
   for split in splits:
-    texts = lambda split=split: examples(data_config, classify_config, split)
-    label_key = classify_config.label_key
-    path, manifest, prepared = store.ensure(
-      data_config, split, tokenizer, texts, share, log, label_key
-    )
-    log(
-      f'token store {"prepared" if prepared else "reused"} for labelled split {split!r}: '
-      f'{manifest["documents"]:,} examples, {manifest["tokens"]:,} tokens ({path})'
-    )
+    path, manifest, _ = ensure_split(data_config, classify_config, tokenizer, split, log, share)
     stored = store.Examples(path, manifest)
     shards = stored.labels()
     if classes is None:

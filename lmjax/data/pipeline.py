@@ -93,6 +93,42 @@ def texts(data_config, split: str) -> Iterator[str]:
         yield text
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitStore:
+  """A split's prepared token store, and its packed rows when asked for."""
+
+  path: str
+  manifest: dict
+  prepared: bool  # this call wrote tokens or rows
+  packed_path: str = ''
+  packed_manifest: dict | None = None
+
+
+def ensure_split(
+  data_config, tokenizer, split: str, log=print, share=(0, 1), packed_len: int = 0
+) -> SplitStore:
+  """Prepares (or finds) the split's token store, this process preparing its
+  `share` of the shards, and with `packed_len` > 0 its rows packed to that
+  length; says which in one log line each, with the counts."""
+  path, manifest, prepared = store.ensure(
+    data_config, split, tokenizer, lambda: texts(data_config, split), share, log
+  )
+  log(
+    f'token store {"prepared" if prepared else "reused"} for split {split!r}: '
+    f'{manifest["tokens"]:,} tokens in {manifest["documents"]:,} documents ({path})'
+  )
+  if not packed_len:
+    return SplitStore(path, manifest, prepared)
+  packed, packed_manifest, packed_now = store.ensure_packed(
+    path, manifest, packed_len, int(tokenizer.eos_id), share, log
+  )
+  log(
+    f'token store {"packed" if packed_now else "reused packed rows"} for split {split!r}: '
+    f'{packed_manifest["rows"]:,} rows of {packed_len} ({packed})'
+  )
+  return SplitStore(path, manifest, prepared or packed_now, packed, packed_manifest)
+
+
 def stored_split(
   data_config,
   tokenizer,
@@ -102,29 +138,16 @@ def stored_split(
   packed_len: int = 0,
 ) -> TokenStream:
   """The split's token stream read from its token store (lmjax.data.store),
-  which is prepared first if it is missing (this process preparing its `share`
-  of the shards): a run that restarts reads its tokens instead of tokenizing
-  the split again, and reads only the windows it trains on. `packed_len` > 0
-  also prepares (or finds) the store's rows packed to that length, which
-  `packed(packed_len)` then reads row by row. With one shard, equal token for
-  token to `tokenize_split`."""
-  path, manifest, prepared = store.ensure(
-    data_config, split, tokenizer, lambda: texts(data_config, split), share, log
-  )
-  log(
-    f'token store {"prepared" if prepared else "reused"} for split {split!r}: '
-    f'{manifest["tokens"]:,} tokens in {manifest["documents"]:,} documents ({path})'
-  )
+  which is prepared first if it is missing (`ensure_split`): a run that
+  restarts reads its tokens instead of tokenizing the split again, and reads
+  only the windows it trains on. `packed_len` > 0 also prepares (or finds) the
+  store's rows packed to that length, which `packed(packed_len)` then reads row
+  by row. With one shard, equal token for token to `tokenize_split`."""
+  split_store = ensure_split(data_config, tokenizer, split, log, share, packed_len)
+  path, manifest = split_store.path, split_store.manifest
   rows = {}
   if packed_len:
-    packed, packed_manifest, packed_now = store.ensure_packed(
-      path, manifest, packed_len, int(tokenizer.eos_id), share, log
-    )
-    rows[packed_len] = store.PackedRows(packed, packed_manifest)
-    log(
-      f'token store {"packed" if packed_now else "reused packed rows"} for split {split!r}: '
-      f'{packed_manifest["rows"]:,} rows of {packed_len} ({packed})'
-    )
+    rows[packed_len] = store.PackedRows(split_store.packed_path, split_store.packed_manifest)
   return TokenStream(
     tokens=store.Tokens(path, manifest),
     num_documents=manifest['documents'],

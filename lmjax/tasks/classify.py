@@ -19,7 +19,6 @@ from lmjax import watchdog
 from lmjax.data import corpora
 from lmjax.data import labelled
 from lmjax.data import pipeline
-from lmjax.data import store
 from lmjax.tasks import base
 
 
@@ -90,9 +89,8 @@ class Classify(base.Task):
     return (text for text, _ in examples)
 
   def prepare(self, config, tokenizer, split, share=(0, 1), log=print) -> dict:
-    texts = lambda: labelled.examples(config.data, config.classify, split)
-    path, manifest, prepared = store.ensure(
-      config.data, split, tokenizer, texts, share, log, config.classify.label_key
+    path, manifest, prepared = labelled.ensure_split(
+      config.data, config.classify, tokenizer, split, log, share
     )
     return {
       'split': split,

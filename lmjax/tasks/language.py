@@ -15,7 +15,6 @@ import numpy as np
 from lmjax import evaluation
 from lmjax import models
 from lmjax.data import pipeline
-from lmjax.data import store
 from lmjax.tasks import base
 
 
@@ -67,21 +66,16 @@ class NextToken(base.Task):
 
   def prepare(self, config, tokenizer, split, share=(0, 1), log=print) -> dict:
     data = config.data
-    texts = lambda: pipeline.texts(data, split)
-    path, manifest, prepared = store.ensure(data, split, tokenizer, texts, share, log)
+    prepared = pipeline.ensure_split(data, tokenizer, split, log, share, _packed_len(data))
     summary = {
       'split': split,
-      'path': path,
-      'tokens': manifest['tokens'],
-      'documents': manifest['documents'],
-      'prepared': prepared,
+      'path': prepared.path,
+      'tokens': prepared.manifest['tokens'],
+      'documents': prepared.manifest['documents'],
+      'prepared': prepared.prepared,
     }
-    if _packed_len(data):  # the rows training reads, packed once here
-      packed, packed_manifest, packed_now = store.ensure_packed(
-        path, manifest, data.seq_len, int(tokenizer.eos_id), share, log
-      )
-      summary.update(packed_path=packed, packed_rows=packed_manifest['rows'])
-      summary['prepared'] = prepared or packed_now
+    if prepared.packed_manifest is not None:  # the rows training reads, packed once here
+      summary.update(packed_path=prepared.packed_path, packed_rows=prepared.packed_manifest['rows'])
     return summary
 
   def load_evaluation(self, config, derived, tokenizer, split) -> StreamData:
