@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 from absl import app
 from absl import flags
+from flax import traverse_util
 
 from lmjax import checkpoint
 from lmjax import config as config_lib
@@ -670,21 +671,6 @@ def _model_prefix(arch: str, weights: _Weights) -> str:
   raise HFError(f'{weights.hf_dir}: no {probe} under any of {_PREFIXES[arch]}: not a {arch} model')
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _flat(tree, prefix=()) -> dict:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flat(value, prefix + (key,)))
-    return out
-  return {prefix: tree}
-
-
 def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -726,10 +712,10 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
   )
   model = tasks.get(config.task).build_model(config, record)
   abstract, _ = train_state.params_and_specs(model, config.data.seq_len)
-  wanted = {path: leaf.shape for path, leaf in _flat(abstract).items()}
+  wanted = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
   weights = _Weights(hf_dir)
   prefix = _model_prefix(arch, weights)
-  params, used = {}, set()
+  flat, used = {}, set()
   for tensor in tensors(arch, model.config, prefix):
     names = tensor.names
     missing = [n for n in names if n not in weights.where]
@@ -741,9 +727,9 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
         f'{hf_dir}: tensor {", ".join(names)} gives lmjax {"/".join(tensor.path)} the shape '
         f'{tuple(value.shape)}, but its config.json makes it {tuple(wanted[tensor.path])}'
       )
-    _set(params, tensor.path, jax.device_put(value.astype(model.config.param_dtype)))
+    flat[tensor.path] = jax.device_put(value.astype(model.config.param_dtype))
     used.update(names)
-  unmapped = set(wanted) - set(_flat(params))
+  unmapped = set(wanted) - set(flat)
   if unmapped:
     raise HFError(f'no Hugging Face tensor maps onto {sorted("/".join(p) for p in unmapped)[:5]}')
   ignored = sorted(n for n in weights.where if n not in used and not n.endswith(_BUFFERS))
@@ -757,6 +743,7 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
   record.save(workdir)
   config_lib.save(config, workdir)
   manager = checkpoint.manager(workdir)
+  params = traverse_util.unflatten_dict(flat)
   state = {'step': jax.numpy.zeros((), jax.numpy.int32), 'params': params}
   config_json = json.loads(config_lib.to_json(config))
   checkpoint.save(manager, 0, state, config_json, record, tokenizer.to_json())
@@ -803,23 +790,34 @@ def export_model(workdir: str, hf_dir: str, step: str = 'latest', log=_log) -> d
     )
   arch = architecture(config.model)
   c = restored.model.config
-  params = {path: np.asarray(jax.device_get(v)) for path, v in _flat(restored.params).items()}
+  params = {
+    path: np.asarray(jax.device_get(v))
+    for path, v in traverse_util.flatten_dict(restored.params).items()
+  }
   # A model without biases is the architecture with zero biases (GPT-2, BERT).
   with_bias = config_lib.from_json(config_lib.to_json(config))
   with_bias.model.bias = arch in ('gpt2', 'bert')
   full = tasks.get(config.task).build_model(with_bias, restored.derived)
-  for path, leaf in _flat(train_state.params_and_specs(full, config.data.seq_len)[0]).items():
+  abstract = train_state.params_and_specs(full, config.data.seq_len)[0]
+  for path, leaf in traverse_util.flatten_dict(abstract).items():
     if path not in params and path[-1] == 'bias':
       params[path] = np.zeros(leaf.shape, np.float32)
-  planned = []  # (name, shape, produce): each converted when it is written
+  converted = {}  # the tensor being written: its Hugging Face parts, converted once
+
+  def part(tensor, i):
+    if converted.get('path') != tensor.path:
+      parts = tensor.to_hf(np.asarray(params[tensor.path], np.float32))
+      converted.update(path=tensor.path, parts=parts)
+    return converted['parts'][i]
+
+  planned = []  # (name, shape, produce): written in order, a tensor's parts together
   for tensor in tensors(arch, c, _PREFIXES[arch][0]):
     if tensor.path not in params:
       raise HFError(f'{workdir}: parameter {"/".join(tensor.path)} is missing for {arch}')
     value = params[tensor.path]
-    shapes = [part.shape for part in tensor.to_hf(np.zeros(value.shape, np.float32))]
+    shapes = [p.shape for p in tensor.to_hf(np.zeros(value.shape, np.float32))]
     for i, (name, shape) in enumerate(zip(tensor.names, shapes)):
-      produce = lambda t=tensor, i=i: t.to_hf(np.asarray(params[t.path], np.float32))[i]
-      planned.append((name, shape, produce))
+      planned.append((name, shape, lambda t=tensor, i=i: part(t, i)))
   os.makedirs(hf_dir, exist_ok=True)
   write_safetensors(os.path.join(hf_dir, 'model.safetensors'), planned, {'format': 'pt'})
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:

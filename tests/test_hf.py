@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from conftest import shakespeare_text
 from conftest import tiny_config
@@ -248,7 +249,7 @@ def test_import_export_import_is_bitwise_and_transformers_loads_the_export(kind,
   exported = hf.export_model(str(tmp_path / 'run'), str(tmp_path / 'out'), log=lambda m: None)
   assert exported['architecture'] == kind
   _, second = imported(tmp_path / 'out', tmp_path / 'run2')
-  flat = lambda tree: {k: np.asarray(v) for k, v in hf._flat(tree).items()}
+  flat = lambda tree: {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
   a, b = flat(first.params), flat(second.params)
   assert a.keys() == b.keys()
   for path in a:
