@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 
+import child_rss  # tools/child_rss.py, beside this script
 from absl import app
 from absl import flags
 
@@ -68,20 +69,7 @@ def make_model(directory: str) -> dict:
 
 
 def measured(command: list) -> dict:
-  """Wall time and peak RSS of `command`, run under a wrapper of its own."""
-  wrapper = (
-    'import resource, subprocess, sys, json, time;'
-    't = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True);'
-    'r = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;'
-    'print(json.dumps({"rc": p.returncode, "seconds": round(time.perf_counter() - t, 2),'
-    ' "peak_rss_gb": round(r / 2**20, 3), "stderr": p.stderr[-3000:]}))'
-  )
-  done = subprocess.run(
-    [sys.executable, '-c', wrapper, *command], capture_output=True, text=True, cwd=REPO
-  )
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  if result['rc'] != 0:
-    raise RuntimeError(f'{" ".join(command)} failed:\n{result["stderr"]}')
+  result = child_rss.measured(command)
   return {'seconds': result['seconds'], 'peak_rss_gb': result['peak_rss_gb']}
 
 

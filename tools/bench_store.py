@@ -20,10 +20,10 @@ sentencepiece's own `encode` on the same text.
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
+import child_rss  # tools/child_rss.py, beside this script
 from absl import app
 from absl import flags
 
@@ -78,27 +78,6 @@ def corpus_flags(corpus: str, stores: str, tokenizer: str = 'bytes') -> list:
   ]
 
 
-def rss_child(command: list) -> dict:
-  """`timed`, with the child's own peak RSS read by a wrapper (ru_maxrss of
-  RUSAGE_CHILDREN is a maximum over every child so far)."""
-  wrapper = (
-    'import resource, subprocess, sys, json, time;'
-    't = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True);'
-    'r = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;'
-    'print(json.dumps({"rc": p.returncode, "seconds": time.perf_counter() - t,'
-    ' "peak_rss_gb": r / 2**20, "stdout": p.stdout[-20000:], "stderr": p.stderr[-5000:]}))'
-  )
-  done = subprocess.run(
-    [sys.executable, '-c', wrapper, *command], capture_output=True, text=True, cwd=REPO
-  )
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  if result['rc'] != 0:
-    raise RuntimeError(f'{" ".join(command)} failed:\n{result["stderr"]}')
-  result['seconds'] = round(result['seconds'], 2)
-  result['peak_rss_gb'] = round(result['peak_rss_gb'], 3)
-  return result
-
-
 def prepare(
   corpus: str, stores: str, tokenizer: str, workers: int = 1, workdir: str = '', threads: int = 0
 ) -> dict:
@@ -106,7 +85,7 @@ def prepare(
   command += ['--splits=train', f'--workers={workers}', f'--threads_per_worker={threads}']
   if workdir:
     command += [f'--workdir={workdir}']
-  result = rss_child(command)
+  result = child_rss.measured(command)
   summary = json.loads(result['stdout'][result['stdout'].index('[') :])[0]
   return {
     'seconds': result['seconds'],
@@ -128,7 +107,7 @@ def train(corpus: str, stores: str, workdir: str, steps: int) -> dict:
     '--config.sample.max_new_tokens=0',
     '--config.compilation_cache_dir=',
   ]
-  result = rss_child(command)
+  result = child_rss.measured(command)
   return {'seconds': result['seconds'], 'peak_rss_gb': result['peak_rss_gb']}
 
 
