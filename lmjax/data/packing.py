@@ -59,9 +59,9 @@ class Packer:
   def add(self, read: Callable[[int, int], np.ndarray], start, length, first) -> None:
     """Places the pieces (start, length, starts a document); read(lo, hi)
     returns the stream's tokens [lo, hi)."""
-    for i in range(0, len(start), max(1, CHUNK_TOKENS // self.seq_len)):
-      part = slice(i, i + max(1, CHUNK_TOKENS // self.seq_len))
-      self._add(read, start[part], length[part], first[part])
+    step = max(1, CHUNK_TOKENS // self.seq_len)  # pieces per call
+    for i in range(0, len(start), step):
+      self._add(read, start[i : i + step], length[i : i + step], first[i : i + step])
 
   def _add(self, read, start, length, first) -> None:
     if not len(start):
