@@ -17,9 +17,15 @@ each worker, with --env NAME (TFDS_DATA_DIR is passed by default when set)
 forwarded. `run --watch` keeps a spot slice alive: when the slice is preempted
 it deletes it, creates it again, sets it up and starts the same command, which
 resumes from the latest checkpoint in the (GCS) workdir.
+
+Before `run` starts anything, it compiles the job for the slice's topology on
+this machine (`lmjax.train --compile_only --topology ACCELERATOR`, which needs
+libtpu: `pip install 'lmjax[aot]'`) and refuses a job whose per-chip peak
+memory exceeds the chip's HBM; `--skip_fit_check` launches it anyway.
 """
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -124,6 +130,57 @@ def train_command_line(args) -> str:
   return f'cd {REMOTE_DIR} && {" ".join(env)} nohup {train} > {LOG} 2>&1 < /dev/null &'
 
 
+def fit_check_command(args, python: str = 'python') -> list:
+  """`--compile_only` for the slice's topology (lmjax.aot): compiled here, with libtpu."""
+  return [
+    python,
+    '-m',
+    'lmjax.train',
+    *args.train_args,
+    '--compile_only',
+    f'--topology={args.accelerator}',
+  ]
+
+
+def fit_check(args) -> None:
+  """Compiles the job for the slice on this machine and refuses one that cannot fit
+  a chip's HBM (--skip_fit_check launches it anyway)."""
+  if args.skip_fit_check:
+    return
+  skip = 'pass --skip_fit_check to launch without the check'
+  if args.dry_run:
+    print(f'# fit check, on this machine first: {show(fit_check_command(args))} ({skip})')
+    return
+  print(f'fit check: compiling the job for {args.accelerator} on this machine', flush=True)
+  result = subprocess.run(
+    fit_check_command(args, sys.executable),
+    capture_output=True,
+    text=True,
+    cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'),
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},  # compiling for the slice needs no local TPU
+  )
+  if result.returncode != 0:
+    reason = ' '.join(line for line in result.stderr.strip().splitlines()[-3:])
+    raise SystemExit(f'run: the fit check could not compile the job: {reason}\n{skip}')
+  report = json.loads(result.stdout)
+  chip = report['per_chip']
+  where = f'{report["topology"]} ({report["device_kind"]})'
+  if not chip.get('fits', True):
+    need = chip.get('peak_gib', chip.get('required_gib'))
+    short = f' ({-chip["margin_gib"]:.2f} GiB short)' if 'margin_gib' in chip else ''
+    raise SystemExit(
+      f'run: the job needs {need} GiB a chip and {where} chips hold '
+      f'{chip["hbm_gib"]} GiB{short}. Lower '
+      'train.batch_size (or raise train.microbatches), shard further (mesh.fsdp) or '
+      f'set model.remat; or {skip}'
+    )
+  print(
+    f'fit check: {chip["peak_gib"]:.2f} of {chip["hbm_gib"]:.0f} GiB a chip on {where}; '
+    f'roofline step {report["step_s_estimate"]} s',
+    flush=True,
+  )
+
+
 def run_commands(args):
   if not args.train_args:
     raise SystemExit(
@@ -218,6 +275,9 @@ def parse(argv):
   parser.add_argument('--watch', action='store_true', help='run: re-create on preemption')
   parser.add_argument('--poll', type=int, default=60, help='--watch: seconds between checks')
   parser.add_argument('--dry_run', action='store_true', help='print the gcloud commands only')
+  parser.add_argument(
+    '--skip_fit_check', action='store_true', help='run: launch without compiling it here first'
+  )
   cut = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:cut])
   args.train_args = argv[cut + 1 :]  # everything after --: the lmjax.train arguments
@@ -226,6 +286,8 @@ def parse(argv):
 
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
+  if args.command == 'run' and args.train_args:
+    fit_check(args)
   if args.command == 'run' and args.watch:
     watch(args)
   else:

@@ -127,6 +127,31 @@ VENDOR_PEAKS = (
 )
 
 
+# High-bandwidth memory per chip in GiB, from the same data sheets (an A100 is
+# the 40 GB part unless its device_kind says 80GB), matched in this order.
+CHIP_MEMORY_GIB = (
+  ('TPU v4', 32),
+  ('TPU v5 lite', 16),
+  ('TPU v5e', 16),
+  ('TPU v5', 95),
+  ('TPU v6 lite', 32),
+  ('TPU v6e', 32),
+  ('H200', 141),
+  ('H100', 80),
+  ('A100-SXM4-80GB', 80),
+  ('A100 80GB', 80),
+  ('A100', 40),
+)
+
+
+def chip_memory_gib(device_kind: str) -> float | None:
+  """One chip's HBM (GiB), or None for a device not in CHIP_MEMORY_GIB."""
+  for name, gib in CHIP_MEMORY_GIB:
+    if name.lower() in device_kind.lower():
+      return float(gib)
+  return None
+
+
 def vendor_peak(device_kind: str, dtype: str = 'float32') -> float | None:
   """One chip's dense peak for a compute dtype ('bfloat16' / 'float16' use the
   16-bit column), or None for a device not in VENDOR_PEAKS (a CPU)."""

@@ -155,6 +155,24 @@ def _generate_stepwise(
   return jax.lax.while_loop(cond, body, start)[2]
 
 
+def lower_stepwise(params, buffer, prompt_lens, rng, *, model):
+  """The stepwise decode loop (key/value cache or carried state) lowered for
+  abstract arguments, as `generate` runs it: `lmjax.aot` compiles it ahead of time."""
+  return _generate_stepwise.lower(
+    params,
+    buffer,
+    prompt_lens,
+    rng,
+    model=model,
+    total_len=buffer.shape[1],
+    temperature=1.0,
+    top_k=40,
+    top_p=1.0,
+    vocab_size=model.config.vocab_size,
+    eos_id=-1,
+  )
+
+
 def generate(
   params,
   model,

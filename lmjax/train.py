@@ -13,14 +13,13 @@ import functools
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 
+from lmjax import aot
 from lmjax import checkpoint
 from lmjax import config as config_lib
 from lmjax import cpu_host
@@ -255,79 +254,6 @@ def trainable_count(state, plan) -> int:
   )
 
 
-def compile_only(config) -> dict:
-  """Lowers and compiles the train step for the configured mesh, from shapes alone
-  (no data, no parameters allocated), and reports its per-device memory: will
-  the model fit before the pod is rented? The vocabulary is 257 for bytes and
-  tokenizer.vocab_size otherwise."""
-  validation.check(config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_check(config.train.batch_size, mesh)
-  task = tasks.get(config.task)
-  vocab = 257 if config.tokenizer.kind == 'bytes' else config.tokenizer.vocab_size
-  seq_len, batch_size = config.data.seq_len, config.train.batch_size
-  record = task.from_shapes(config, vocab)
-  model = task.build_model(config, record)
-  tx, schedule = train_state.make_optimizer(
-    config.optimizer, record.num_steps, record.steps_per_epoch
-  )  # shapes only
-  carry_rows = train_state.carry_rows(config, model)
-  abstract, shardings = train_state.abstract_state(model, tx, seq_len, mesh, carry_rows)
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch = {
-    name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-    for name, (shape, dtype) in task.batch_shapes(config, batch_size).items()
-  }
-  start = time.perf_counter()
-  step = steps.MeshStep(steps.make_train_step(config, model, schedule), shardings, mesh)
-  compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - start
-  return {
-    'mesh': dict(mesh.shape),
-    'devices': jax.device_count(),
-    'platform': jax.devices()[0].platform,
-    'vocab_size': vocab,
-    'params': models.count_params(abstract.params),
-    'compile_s': round(compile_s, 2),
-    'per_device_gib': {
-      'params': _gib(_per_device_bytes(abstract.params)),
-      'optimizer_state': _gib(_per_device_bytes(abstract.opt_state)),
-      **_memory_report(compiled.memory_analysis()),
-    },
-  }
-
-
-def _gib(n: int) -> float:
-  return round(n / 2**30, 4)
-
-
-def _per_device_bytes(tree) -> int:
-  return int(
-    sum(
-      np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-      for leaf in jax.tree.leaves(tree)
-    )
-  )
-
-
-def _memory_report(memory) -> dict:
-  """The compiler's per-device figures (none where the backend gives none)."""
-  if memory is None:
-    return {}
-  return {
-    'arguments': _gib(memory.argument_size_in_bytes),
-    'outputs': _gib(memory.output_size_in_bytes),
-    'temporaries': _gib(memory.temp_size_in_bytes),
-    'aliased': _gib(memory.alias_size_in_bytes),
-    'peak_estimate': _gib(
-      memory.argument_size_in_bytes
-      + memory.output_size_in_bytes
-      + memory.temp_size_in_bytes
-      - memory.alias_size_in_bytes
-    ),
-  }
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) to `config.train.num_steps` (or `stop_at`), then evaluates the
   whole evaluation split and prints a sample; returns the final evaluation. Process 0
@@ -392,6 +318,8 @@ def _main(argv):
   del argv
   checkpoint.quiet_logs()
   flag_values = flags.FLAGS
+  if flag_values.topology and 'JAX_PLATFORMS' not in os.environ:
+    jax.config.update('jax_platforms', 'cpu')  # compiling for a slice needs no local TPU
   try:
     multi_process = (
       distributed.settings(
@@ -403,7 +331,8 @@ def _main(argv):
     cpu_host.prepare(flag_values.config, multi_process)
     distributed.initialize_from_flags()
     if flag_values.compile_only:
-      print(json.dumps(compile_only(flag_values.config), indent=2))
+      report = aot.compile_report(flag_values.config, flag_values.topology)
+      print(json.dumps(report, indent=2))
       return
     train_and_evaluate(flag_values.config, flag_values.workdir)
   except loop.Preempted:
@@ -430,8 +359,13 @@ def run():
   flags.DEFINE_bool(
     'compile_only',
     False,
-    'Lower and compile the train step for the configured '
-    'mesh without data or a run; print its per-device memory as JSON.',
+    'Lower and compile the train step and the decode loop for the configured '
+    'mesh without data or a run; print per-chip memory, FLOPs and fit as JSON.',
+  )
+  flags.DEFINE_string(
+    'topology',
+    '',
+    f'With --compile_only: compile for {aot.TOPOLOGY_HELP} (needs libtpu, on any machine).',
   )
   distributed.define_flags()
   flags.mark_flags_as_required(['config'])

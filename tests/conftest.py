@@ -6,6 +6,9 @@ os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The CPU backend only: libtpu (the aot extra) is installed for compiling to TPU
+# topologies (lmjax.aot), which needs no TPU backend.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402

@@ -111,7 +111,7 @@ def test_train_splits_a_cpu_host_unless_told_how_many_devices():
       env={**env, 'XLA_FLAGS': flags},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    counts.append(json.loads(result.stdout)['devices'])
+    counts.append(json.loads(result.stdout)['chips'])
   config = config_lib.load_config_file(str(REPO / 'configs' / 'shakespeare_char.py'))
   config.cpu_devices = -1
   auto = cpu_host.cpu_device_count(config, len(os.sched_getaffinity(0)))

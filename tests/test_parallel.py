@@ -185,11 +185,13 @@ def test_compile_only_reports_per_device_memory():
   result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout)
-  assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1} and report['devices'] == 8
-  memory = report['per_device_gib']
-  assert memory['temporaries'] > 0 and memory['arguments'] > memory['params'] > 0
+  assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1} and report['chips'] == 8
+  assert report['platform'] == 'cpu' and report['topology'] is None
+  memory = report['per_chip']
+  assert memory['temporaries_gib'] > 0 and memory['arguments_gib'] > memory['params_gib'] > 0
+  assert memory['hbm_gib'] is None and 'fits' not in memory  # a CPU has no HBM to fit
   # fsdp=4 holds a quarter of the parameters per device.
-  assert memory['params'] == pytest.approx(report['params'] * 4 / 4 / 2**30, rel=0.05)
+  assert memory['params_gib'] == pytest.approx(report['params'] * 4 / 4 / 2**30, rel=0.05)
 
 
 @pytest.mark.slow

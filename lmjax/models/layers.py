@@ -33,6 +33,14 @@ def materialize(x):
   return jax.lax.cond(probe == probe, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
 
 
+def platform() -> str:
+  """The platform of the program being traced: that of the mesh in context (a
+  TPU slice's when compiling ahead of time on another machine), else JAX's
+  default backend. Layers pick their kernels by it."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 @jax.custom_vjp
 def _gelu_cpu(x):
   return nn.gelu(x, approximate=True)
@@ -54,7 +62,7 @@ def gelu(x):
   """tanh-approximated GELU. On CPU its backward recomputes tanh from the saved
   input rather than saving tanh's output (less memory traffic, which bounds this
   op on CPU), and materialises the input gradient (see `materialize`)."""
-  if jax.default_backend() == 'cpu':
+  if platform() == 'cpu':
     return _gelu_cpu(x)
   return nn.gelu(x, approximate=True)
 
