@@ -111,6 +111,8 @@ def from_json(text_or_dict) -> ml_collections.ConfigDict:
   defaults, so a checkpoint written before a key existed still reads."""
   data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
   config = base_config()
+  if isinstance(data.get('model'), dict) and 'scan_layers' not in data['model']:
+    config.model.scan_layers = False  # saved before scanned blocks: the loop's layout
 
   def merge(node, values):
     for key, value in values.items():
@@ -257,6 +259,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = (
     'none'  # Transformer blocks: 'none', 'full' (recompute all) or 'dots' (keep matmuls).
   )
+  # Transformer blocks under nn.scan: one compiled block whatever the depth, the
+  # parameters stacked on a leading 'layers' axis under params['blocks'] (False: a
+  # Python loop, params['block_0'], ...; runs saved before this key had it).
+  c.model.scan_layers = True
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' for mixed precision).
   c.model.param_dtype = 'float32'  # Parameter storage dtype.
 

@@ -112,7 +112,9 @@ def _split_axis(names) -> int:
 class Plan:
   """How a run fine-tunes: its mode, where the pre-trained tree sits in the model
   (`prefix`), the names of its leaves (`pretrained`, relative to the model's
-  root) and, for LoRA, each target matrix as (name, rows, columns)."""
+  root) and, for LoRA, each target matrix as (name, rows, columns, layers): a
+  scanned block's kernel has one adapter pair per layer (layers > 0), A
+  [layers, rows, r] and B [layers, r, columns]."""
 
   mode: str
   prefix: tuple
@@ -141,9 +143,13 @@ class Plan:
         raise ValueError(f'finetune.lora_rank must be >= 1; got {finetune_config.lora_rank}')
       pattern = re.compile(finetune_config.lora_targets)
       for name, leaf in sorted(flat.items()):
-        if name in pretrained and len(leaf.shape) >= 2 and pattern.search(name):
-          split = _split_axis(tuple(flat_specs[name] or ()))
-          matrices += ((name, math.prod(leaf.shape[:split]), math.prod(leaf.shape[split:])),)
+        names = tuple(flat_specs[name] or ())
+        layers = leaf.shape[0] if names[:1] == ('layers',) else 0  # scanned blocks
+        shape, names = (leaf.shape[1:], names[1:]) if layers else (leaf.shape, names)
+        if name in pretrained and len(shape) >= 2 and pattern.search(name):
+          split = _split_axis(names)
+          rows, columns = math.prod(shape[:split]), math.prod(shape[split:])
+          matrices += ((name, rows, columns, layers),)
       if not matrices:
         raise ValueError(
           f'finetune.lora_targets={finetune_config.lora_targets!r} matches no '
@@ -190,10 +196,10 @@ class Plan:
       return params, specs, None, None
     flat, flat_specs = flatten(params), _flatten_specs(specs)
     adapters, adapter_specs = {}, {}
-    for name, rows, columns in self.matrices:
-      dtype = flat[name].dtype
-      adapters[name + '/a'] = jax.ShapeDtypeStruct((rows, self.lora_rank), dtype)
-      adapters[name + '/b'] = jax.ShapeDtypeStruct((self.lora_rank, columns), dtype)
+    for name, rows, columns, layers in self.matrices:
+      dtype, stacked = flat[name].dtype, (layers,) if layers else ()
+      adapters[name + '/a'] = jax.ShapeDtypeStruct((*stacked, rows, self.lora_rank), dtype)
+      adapters[name + '/b'] = jax.ShapeDtypeStruct((*stacked, self.lora_rank, columns), dtype)
       adapter_specs[name + '/a'] = adapter_specs[name + '/b'] = PartitionSpec()
     new, frozen = self._new_and_pretrained(flat)
     new_specs, frozen_specs = self._new_and_pretrained(flat_specs)
@@ -215,12 +221,12 @@ class Plan:
       return params, None
     flat = flatten(params)
     adapters = {}
-    for i, (name, rows, columns) in enumerate(self.matrices):
-      dtype = flat[name].dtype
+    for i, (name, rows, columns, layers) in enumerate(self.matrices):
+      dtype, stacked = flat[name].dtype, (layers,) if layers else ()
       adapters[name + '/a'] = jax.random.normal(
-        jax.random.fold_in(rng, i), (rows, self.lora_rank), dtype
+        jax.random.fold_in(rng, i), (*stacked, rows, self.lora_rank), dtype
       ) * jnp.asarray(rows**-0.5, dtype)
-      adapters[name + '/b'] = jnp.zeros((self.lora_rank, columns), dtype)
+      adapters[name + '/b'] = jnp.zeros((*stacked, self.lora_rank, columns), dtype)
     new, frozen = self._new_and_pretrained(flat)
     return {'lora': _unflatten(adapters), 'new': new}, frozen
 
@@ -231,9 +237,9 @@ class Plan:
       return trainable
     flat = flatten(frozen)
     adapters = flatten(trainable['lora'])
-    for name, _, _ in self.matrices:
+    for name, *_ in self.matrices:
       kernel = flat[name]
-      delta = adapters[name + '/a'] @ adapters[name + '/b']
+      delta = adapters[name + '/a'] @ adapters[name + '/b']  # a layer's each, when stacked
       flat[name] = kernel + (self.scale * delta).reshape(kernel.shape).astype(kernel.dtype)
     flat.update(flatten(trainable['new']))
     return _unflatten(flat)

@@ -54,6 +54,7 @@ from lmjax import tasks
 from lmjax import train_state
 from lmjax import validation
 from lmjax.data import tokenizers
+from lmjax.models import transformer
 
 ARCHITECTURES = ('gpt2', 'llama', 'mistral', 'qwen2', 'bert')
 HF_CLASSES = {
@@ -712,7 +713,10 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
   )
   model = tasks.get(config.task).build_model(config, record)
   abstract, _ = train_state.params_and_specs(model, config.data.seq_len)
+  layers = model.config.num_layers
   wanted = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
+  if model.config.scan_layers:  # tensors() names the loop's blocks: one layer each
+    wanted = transformer.unstack_layers(wanted, layers, take=lambda shape, _: shape[1:])
   weights = _Weights(hf_dir)
   prefix = _model_prefix(arch, weights)
   flat, used = {}, set()
@@ -727,7 +731,7 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
         f'{hf_dir}: tensor {", ".join(names)} gives lmjax {"/".join(tensor.path)} the shape '
         f'{tuple(value.shape)}, but its config.json makes it {tuple(wanted[tensor.path])}'
       )
-    flat[tensor.path] = jax.device_put(value.astype(model.config.param_dtype))
+    flat[tensor.path] = value.astype(model.config.param_dtype)
     used.update(names)
   unmapped = set(wanted) - set(flat)
   if unmapped:
@@ -743,7 +747,10 @@ def import_model(hf_dir: str, workdir: str, base_config=None, log=_log) -> dict:
   record.save(workdir)
   config_lib.save(config, workdir)
   manager = checkpoint.manager(workdir)
-  params = traverse_util.unflatten_dict(flat)
+  if model.config.scan_layers:
+    flat = transformer.stack_layers(flat, layers)
+  params = traverse_util.unflatten_dict({p: jax.device_put(v) for p, v in flat.items()})
+  del flat
   state = {'step': jax.numpy.zeros((), jax.numpy.int32), 'params': params}
   config_json = json.loads(config_lib.to_json(config))
   checkpoint.save(manager, 0, state, config_json, record, tokenizer.to_json())
@@ -794,14 +801,19 @@ def export_model(workdir: str, hf_dir: str, step: str = 'latest', log=_log) -> d
     path: np.asarray(jax.device_get(v))
     for path, v in traverse_util.flatten_dict(restored.params).items()
   }
+  if c.scan_layers:  # tensors() names the loop's blocks: one layer each (views)
+    params = transformer.unstack_layers(params, c.num_layers)
   # A model without biases is the architecture with zero biases (GPT-2, BERT).
   with_bias = config_lib.from_json(config_lib.to_json(config))
   with_bias.model.bias = arch in ('gpt2', 'bert')
   full = tasks.get(config.task).build_model(with_bias, restored.derived)
   abstract = train_state.params_and_specs(full, config.data.seq_len)[0]
-  for path, leaf in traverse_util.flatten_dict(abstract).items():
+  abstract = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
+  if c.scan_layers:
+    abstract = transformer.unstack_layers(abstract, c.num_layers, lambda shape, _: shape[1:])
+  for path, shape in abstract.items():
     if path not in params and path[-1] == 'bias':
-      params[path] = np.zeros(leaf.shape, np.float32)
+      params[path] = np.zeros(shape, np.float32)
   converted = {}  # the tensor being written: its Hugging Face parts, converted once
 
   def part(tensor, i):

@@ -33,6 +33,7 @@ LOGICAL_RULES = (
   ('hidden_in', 'fsdp'),  # recurrent models: hidden units (inputs of W_hh)
   ('classes', None),  # classifier head: output classes
   ('types', None),  # BERT's token-type embedding rows
+  ('layers', None),  # scanned Transformer blocks: the stacked layer axis
 )
 
 

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 from lmjax import models
 from lmjax import sharding
 from lmjax.models import recurrent
+from lmjax.models import transformer
 
 OPTIMIZERS = ('adamw', 'adam', 'sgd', 'rmsprop', 'adafactor')
 SCHEDULES = ('constant', 'linear', 'cosine', 'rsqrt', 'epochs')
@@ -70,8 +71,14 @@ def make_schedule(opt, num_steps: int, steps_per_epoch: int = 0) -> optax.Schedu
 
 
 def decay_mask(params):
-  """Weight decay applies to matrices only: norms' scales and biases are skipped."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay applies to matrices only: norms' scales and biases are skipped
+  (under scanned blocks, the leading layer axis does not count)."""
+
+  def is_matrix(path, p):
+    stacked = any(getattr(key, 'key', None) == transformer.SCANNED for key in path)
+    return p.ndim - stacked >= 2
+
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(

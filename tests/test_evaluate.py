@@ -136,6 +136,6 @@ def test_restore_for_inference_reads_parameters_only(fsdp_run):
     restored.mesh,
   )
   assert step == 20 and tokenizer.kind == 'chars' and config.mesh.fsdp == 4
-  assert set(params) >= {'embed', 'block_0', 'final_norm'}
-  kernel = params['block_0']['attention']['qkv']['kernel']
+  assert set(params) >= {'embed', 'blocks', 'final_norm'}
+  kernel = params['blocks']['attention']['qkv']['kernel']
   assert kernel.sharding.mesh.shape == mesh.shape  # placed on this process' mesh

@@ -242,7 +242,11 @@ def test_lora_trains_only_its_adapters(runs, tmp_path, capsys):
   assert not np.array_equal(
     before.params['new']['head']['kernel'], after.params['new']['head']['kernel']
   )
-  expected = sum(rows * 8 + 8 * columns for _, rows, columns in run.plan.matrices) + 64 * 2 + 2
+  expected = (
+    sum(max(layers, 1) * (rows * 8 + 8 * columns) for _, rows, columns, layers in run.plan.matrices)
+    + 64 * 2
+    + 2
+  )
   assert train.trainable_count(run.state, run.plan) == expected
   assert f'{expected:,} trainable' in capsys.readouterr().out
   run.checkpoints.close()
@@ -453,8 +457,8 @@ def test_fine_tuning_errors_say_what_differs(runs, corpus_dir, tmp_path):
   message = str(error.value)
   assert message.startswith(f'init_from {runs["pretrain_dir"]} step 600')
   assert (
-    "params['block_0']['attention']['qkv']['kernel']: "
-    'checkpoint (64, 3, 2, 32), model (32, 3, 2, 16)' in message
+    "params['blocks']['attention']['qkv']['kernel']: "
+    'checkpoint (2, 64, 3, 2, 32), model (2, 32, 3, 2, 16)' in message
   ), message
   config = classify_config(corpus_dir, runs['labelled'], **{'init_from': str(tmp_path / 'nothing')})
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in'):

@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from lmjax import config as config_lib
 from lmjax import models
+from lmjax import sample
 from lmjax import sharding
 from lmjax import steps
 from lmjax import train_state
+from lmjax.models import transformer
 
 
 def model_config(**fields):
@@ -172,9 +175,13 @@ def test_schedules_warm_up_to_the_peak_and_decay(schedule):  # 'epochs': see tes
 def test_weight_decay_skips_norms_and_biases():
   model = models.build_model(model_config(), 50, 16)
   mask = train_state.decay_mask(init_params(model))
+  assert mask['blocks']['attention']['qkv']['kernel']  # [layers, embed, 3, heads, kv]
+  assert not mask['blocks']['attention_norm']['LayerNorm_0']['scale']  # [layers, embed]
+  assert not mask['final_norm']['LayerNorm_0']['bias']
+  loop = models.build_model(model_config(scan_layers=False), 50, 16)
+  mask = train_state.decay_mask(init_params(loop))
   assert mask['block_0']['attention']['qkv']['kernel']
   assert not mask['block_0']['attention_norm']['LayerNorm_0']['scale']
-  assert not mask['final_norm']['LayerNorm_0']['bias']
 
 
 def test_state_is_created_sharded_on_a_2x2x2_mesh_and_trains_like_one_device():
@@ -183,12 +190,14 @@ def test_state_is_created_sharded_on_a_2x2x2_mesh_and_trains_like_one_device():
   opt = optimizer_config(warmup_steps=0, schedule='constant')
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': 2, 'tensor': 2}))
   losses, state = run_steps(model, opt, tokens, 3, mesh)
-  qkv = state.params['block_0']['attention']['qkv']['kernel']  # [embed, 3, heads, kv]
-  assert qkv.shape == (32, 3, 2, 16)
-  expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp', None, 'tensor'))
+  qkv = state.params['blocks']['attention']['qkv']['kernel']  # [layers, embed, 3, heads, kv]
+  assert qkv.shape == (2, 32, 3, 2, 16)
+  expected = jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(None, 'fsdp', None, 'tensor')
+  )
   assert qkv.sharding.is_equivalent_to(expected, qkv.ndim)
-  assert {s.data.shape for s in qkv.addressable_shards} == {(16, 3, 1, 16)}
-  adam_mu = state.opt_state[1][0].mu['block_0']['attention']['qkv']['kernel']
+  assert {s.data.shape for s in qkv.addressable_shards} == {(2, 16, 3, 1, 16)}
+  adam_mu = state.opt_state[1][0].mu['blocks']['attention']['qkv']['kernel']
   assert adam_mu.sharding.is_equivalent_to(expected, qkv.ndim)
   single = sharding.make_mesh(
     ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}), devices=jax.devices()[:1]
@@ -232,14 +241,12 @@ def test_grouped_query_attention_is_attention_over_repeated_key_value_heads():
 
   def repeated(p):
     p = jax.tree.map(lambda x: x, p)
-    for name in [k for k in p if k.startswith('block_')]:
-      attention = dict(p[name]['attention'])
-      query = attention.pop('query')['kernel']  # [embed, 4, hd]
-      key_value = attention.pop('key_value')['kernel']  # [embed, 2, 2, hd]
-      kv = jnp.repeat(key_value, 2, axis=2)  # kv head k serves query heads 2k, 2k + 1
-      attention['qkv'] = {'kernel': jnp.concatenate([query[:, None], kv], axis=1)}
-      p[name] = {**p[name], 'attention': attention}
-    return p
+    attention = dict(p['blocks']['attention'])  # scanned: a leading layers axis
+    query = attention.pop('query')['kernel']  # [layers, embed, 4, hd]
+    key_value = attention.pop('key_value')['kernel']  # [layers, embed, 2, 2, hd]
+    kv = jnp.repeat(key_value, 2, axis=3)  # kv head k serves query heads 2k, 2k + 1
+    attention['qkv'] = {'kernel': jnp.concatenate([query[:, :, None], kv], axis=2)}
+    return {**p, 'blocks': {**p['blocks'], 'attention': attention}}
 
   def loss(model, p):
     logits, _ = steps.apply_model(model, p, batch, deterministic=True)
@@ -264,5 +271,51 @@ def test_grouped_query_attention_is_attention_over_repeated_key_value_heads():
     ),
     params,
   )
-  key_shape = cache['cache']['block_0']['attention']['key'].shape
-  assert key_shape == (3, 16, 2, 8)  # [batch, cache, kv_heads, head_dim]
+  key_shape = cache['cache']['blocks']['attention']['key'].shape
+  assert key_shape == (1, 3, 16, 2, 8)  # [layers, batch, cache, kv_heads, head_dim]
+
+
+@pytest.mark.parametrize(
+  'settings',
+  [
+    dict(remat='dots', positions='rope', mlp='swiglu', norm='rmsnorm', num_kv_heads=1),
+    pytest.param(dict(), marks=pytest.mark.slow),
+    pytest.param(dict(remat='full'), marks=pytest.mark.slow),
+    dict(family='encoder', block='post_norm', bias=True),
+  ],
+)
+def test_scanned_blocks_compute_the_loop_of_blocks(settings):
+  """model.scan_layers stacks every block's parameters on a leading axis under
+  params['blocks']; the same weights, unstacked into block_0.., give the loop's
+  loss and gradients, and the same decoded logits through the stacked cache."""
+  settings = dict(num_layers=3, **settings)
+  scanned = models.build_model(model_config(**settings), 50, 16)
+  loop = models.build_model(model_config(scan_layers=False, **settings), 50, 16)
+  params = init_params(scanned)
+  assert params['blocks']['mlp']['down']['kernel'].shape[0] == 3
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
+  unstacked = transformer.unstack_layers(flat, 3)
+  assert set(traverse_util.flatten_dict(init_params(loop))) == set(unstacked)
+  loop_params = traverse_util.unflatten_dict(unstacked)
+  back = transformer.stack_layers(unstacked, 3)
+  assert all(np.array_equal(back[path], flat[path]) for path in flat)
+  batch = batch_of(np.random.default_rng(1).integers(0, 50, (2, 17)))
+
+  def loss(model, p):
+    logits, _ = steps.apply_model(model, p, batch, deterministic=True)
+    return steps.token_losses(logits, batch['targets'])[0].mean()
+
+  value, grads = jax.value_and_grad(functools.partial(loss, scanned))(params)
+  loop_value, loop_grads = jax.value_and_grad(functools.partial(loss, loop))(loop_params)
+  np.testing.assert_allclose(value, loop_value, rtol=1e-5)
+  loop_grads = transformer.stack_layers(
+    traverse_util.flatten_dict(jax.tree.map(np.asarray, loop_grads)), 3
+  )
+  for path, grad in traverse_util.flatten_dict(grads).items():
+    np.testing.assert_allclose(grad, loop_grads[path], atol=1e-6, err_msg=str(path))
+  if settings.get('family') == 'encoder':
+    return
+  prompt = np.array([3, 4, 5, 6, 7], np.int32)
+  got = sample.generate(params, scanned, prompt, 6, vocab_size=50, temperature=0.0)
+  want = sample.generate(loop_params, loop, prompt, 6, vocab_size=50, temperature=0.0)
+  np.testing.assert_array_equal(got, want)

@@ -127,8 +127,8 @@ def test_fsdp_shards_parameters_and_optimizer_state():
   _, _, replicated_state = run(mesh_shape=(8, 1, 1))
   _, _, fsdp_state = run(mesh_shape=(2, 4, 1))
   device = jax.devices()[0]
-  qkv = fsdp_state.params['block_0']['attention']['qkv']['kernel']  # [embed, 3, heads, kv]
-  assert {shard.data.shape for shard in qkv.addressable_shards} == {(16, 3, 8, 8)}
+  qkv = fsdp_state.params['blocks']['attention']['qkv']['kernel']  # [layers, embed, 3, heads, kv]
+  assert {shard.data.shape for shard in qkv.addressable_shards} == {(2, 16, 3, 8, 8)}
   full = per_device_bytes((replicated_state.params, replicated_state.opt_state), device)
   sharded = per_device_bytes((fsdp_state.params, fsdp_state.opt_state), device)
   assert 3.5 < full / sharded <= 4.0
@@ -162,7 +162,7 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
     )
     abstract, _ = train_state.abstract_state(model, tx, SEQ_LEN, mesh)
     restored = checkpoint.restore_state(manager, STEPS, abstract)
-    kernel = restored.params['block_0']['attention']['qkv']['kernel']
+    kernel = restored.params['blocks']['attention']['qkv']['kernel']
     assert kernel.sharding.mesh.shape == mesh.shape
     for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params), strict=True):
       np.testing.assert_array_equal(np.asarray(got), want)

@@ -126,8 +126,8 @@ def test_resuming_with_another_model_shape_names_the_differences(runs, corpus_di
   message = str(error.value)
   assert 'checkpoint step 100' in message and 'different model shape' in message
   assert (
-    "params['block_0']['attention']['qkv']['kernel']: checkpoint (64, 3, 2, 32), "
-    'model (96, 3, 2, 48)'
+    "params['blocks']['attention']['qkv']['kernel']: checkpoint (2, 64, 3, 2, 32), "
+    'model (2, 96, 3, 2, 48)'
   ) in message
   # The good checkpoint is untouched.
   assert sorted(checkpoint.manager(workdir, read_only=True).all_steps()) == [50, 100]

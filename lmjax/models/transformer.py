@@ -73,6 +73,68 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
 
+SCANNED = 'blocks'  # params[SCANNED]: every block's parameters, stacked on axis 0
+
+
+def _scanned_blocks(c, x, positions, segment_ids, deterministic: bool, decode: bool):
+  """The blocks as one `nn.scan` over a stacked 'layers' axis (parameters and
+  the decode cache), the remat policy inside: XLA compiles one block."""
+  block = Block
+  if c.remat != 'none':  # prevent_cse is unneeded under scan, and slows it
+    block = nn.remat(
+      Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False, static_argnums=(4, 5)
+    )
+
+  def body(module, carry, positions, segment_ids):
+    return module(carry, positions, segment_ids, deterministic, decode), None
+
+  scan = nn.scan(
+    body,
+    variable_axes={'params': 0, 'cache': 0},
+    split_rngs={'params': True, 'dropout': True},
+    in_axes=(nn.broadcast, nn.broadcast),
+    length=c.num_layers,
+    metadata_params={nn.PARTITION_NAME: 'layers'},
+  )
+  return scan(block(c, name=SCANNED), x, positions, segment_ids)[0]
+
+
+def unstack_layers(flat: dict, num_layers: int, take=lambda value, i: value[i]) -> dict:
+  """A flat {path: array} tree in the scanned layout as the loop's: each
+  (SCANNED, *rest) leaf becomes (f'block_{i}', *rest) holding `take(leaf, i)`
+  for every layer i (a view of a numpy array, no copy). Other leaves are kept."""
+  out = {}
+  for path, value in flat.items():
+    if path[0] != SCANNED:
+      out[path] = value
+      continue
+    for i in range(num_layers):
+      out[(f'block_{i}', *path[1:])] = take(value, i)
+  return out
+
+
+def stack_layers(flat: dict, num_layers: int, stack=None) -> dict:
+  """The inverse of `unstack_layers`: the loop's per-block leaves stacked on a
+  leading axis under SCANNED (`stack`: np.stack unless given)."""
+  import numpy as np  # noqa: PLC0415 (only the converters need it)
+
+  stack = stack or np.stack
+  out, layers = {}, {}
+  for path, value in flat.items():
+    head = path[0]
+    if head.startswith('block_') and head[6:].isdigit():
+      layers.setdefault(path[1:], {})[int(head[6:])] = value
+    else:
+      out[path] = value
+  for rest, by_layer in layers.items():
+    if sorted(by_layer) != list(range(num_layers)):
+      raise ValueError(
+        f'blocks {sorted(by_layer)} of {"/".join(rest)}: expected 0..{num_layers - 1}'
+      )
+    out[(SCANNED, *rest)] = stack([by_layer[i] for i in range(num_layers)])
+  return out
+
+
 class TransformerLM(nn.Module):
   """Token ids [batch, length] -> next-token logits [batch, length, vocab].
 
@@ -140,15 +202,15 @@ class TransformerLM(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if c.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat must be one of {", ".join(REMAT_POLICIES)}; got {c.remat!r}')
-    block = (
-      Block
-      if c.remat == 'none'
-      else nn.remat(  # deterministic, decode are static
-        Block, policy=REMAT_POLICIES[c.remat], static_argnums=(4, 5)
+    static = dict(static_argnums=(4, 5))  # deterministic, decode
+    if c.scan_layers:
+      x = _scanned_blocks(c, x, positions, segment_ids, deterministic, decode)
+    else:
+      block = (
+        Block if c.remat == 'none' else nn.remat(Block, policy=REMAT_POLICIES[c.remat], **static)
       )
-    )
-    for i in range(c.num_layers):
-      x = block(c, name=f'block_{i}')(x, positions, segment_ids, deterministic, decode)
+      for i in range(c.num_layers):
+        x = block(c, name=f'block_{i}')(x, positions, segment_ids, deterministic, decode)
     if c.block != 'post_norm':
       x = norm('final_norm')(x)
     if not head:
