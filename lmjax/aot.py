@@ -74,6 +74,8 @@ def topology_devices(name: str) -> list:
     chips = math.prod(int(side) for side in grid.split('x'))
     accelerator = {'v4': 'v4', 'v5p': 'v5p', 'v5e': 'v5litepod', 'v6e': 'v6e'}[generation]
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+    # No chip is opened: other processes may compile with libtpu at the same time.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
     os.environ.setdefault(
       'TPU_ACCELERATOR_TYPE', f'{accelerator}-{chips * _CORES_PER_CHIP[generation]}'
@@ -191,10 +193,16 @@ def compile_report(config, topology: str = '') -> dict:
   step = steps.MeshStep(steps.make_train_step(config, model, schedule), shardings, mesh)
   compiled, refused = _compile(step.lower(abstract, batch, rng), hbm)
   compile_s = time.perf_counter() - start
-  flops = compiled_flops(compiled) if compiled else None
+  counted = compiled_flops(compiled) if compiled else None
   peak = metrics.vendor_peak(kind, config.model.dtype)
   tokens = batch_size * seq_len
   model_flops = metrics.flops_per_token(model, models.count_params(abstract.params), seq_len)
+  model_flops = model_flops * tokens / len(devices)  # per chip
+  # XLA's cost analysis counts a loop's body once, so for scanned blocks it sees
+  # one layer: the step's FLOPs are then the model's, times what remat recomputes.
+  scanned = getattr(getattr(model, 'config', None), 'scan_layers', False)
+  scanned = scanned and not models.is_recurrent(model)
+  flops = model_flops * metrics.hardware_flops_ratio(config.model.remat) if scanned else counted
   report = {
     'platform': devices[0].platform,
     'device_kind': kind,
@@ -209,8 +217,10 @@ def compile_report(config, topology: str = '') -> dict:
       'optimizer_state_gib': _gib(_per_chip_bytes(abstract.opt_state)),
       **(refused or memory_report(compiled, hbm)),
     },
-    'flops_per_step': flops,  # per chip, as the compiler counts them (remat included)
-    'model_flops_per_step': model_flops * tokens / len(devices),  # per chip, 6N + attention
+    'flops_per_step': flops,  # per chip, remat included
+    'flops_source': 'model x remat (scanned blocks)' if scanned else 'compiler',
+    'compiler_flops_per_step': counted,  # a scanned loop's body counted once
+    'model_flops_per_step': model_flops,  # per chip, 6N + attention
     'step_s_estimate': float(f'{flops / peak:.4g}') if flops and peak else None,
     'peak_flops_per_chip': peak,
   }
