@@ -39,7 +39,11 @@ def test_a_wrong_topology_is_a_clear_error(name):
 
 
 @pytest.mark.parametrize(
-  'topology,kind,hbm', [('v5e:2x2', 'TPU v5 lite', 16.0), ('v4-8', 'TPU v4', 32.0)]
+  'topology,kind,hbm',
+  [
+    ('v5e:2x2', 'TPU v5 lite', 16.0),
+    pytest.param('v4-8', 'TPU v4', 32.0, marks=pytest.mark.slow),
+  ],
 )
 def test_tiny_config_compiles_for_a_tpu_slice(corpus_dir, topology, kind, hbm):
   config = tiny_config(corpus_dir, **{'mesh.data': 2, 'mesh.fsdp': 2, 'model.dtype': 'bfloat16'})
