@@ -38,6 +38,7 @@ TOPOLOGY_HELP = (
 # Chips of a TensorCore count: v4 and v5p accelerator types count 2 cores a chip.
 _CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}
 _GENERATIONS = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6litepod': 'v6e'}
+_ACCELERATOR_PREFIX = {'v5e': 'v5litepod'}  # the accelerator type's name, where it differs
 
 
 def topology_name(name: str) -> str:
@@ -72,7 +73,7 @@ def topology_devices(name: str) -> list:
   generation, grid = topology.split(':')
   if jax.config.jax_platforms == 'cpu':  # not on the slice: no metadata server to ask
     chips = math.prod(int(side) for side in grid.split('x'))
-    accelerator = {'v4': 'v4', 'v5p': 'v5p', 'v5e': 'v5litepod', 'v6e': 'v6e'}[generation]
+    accelerator = _ACCELERATOR_PREFIX.get(generation, generation)
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     # No chip is opened: other processes may compile with libtpu at the same time.
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -200,8 +201,8 @@ def compile_report(config, topology: str = '') -> dict:
   model_flops = model_flops * tokens / len(devices)  # per chip
   # XLA's cost analysis counts a loop's body once, so for scanned blocks it sees
   # one layer: the step's FLOPs are then the model's, times what remat recomputes.
-  scanned = getattr(getattr(model, 'config', None), 'scan_layers', False)
-  scanned = scanned and not models.is_recurrent(model)
+  backbone = getattr(model, 'backbone', model)  # a classifier's is its backbone's
+  scanned = backbone.config.scan_layers and not models.is_recurrent(backbone)
   flops = model_flops * metrics.hardware_flops_ratio(config.model.remat) if scanned else counted
   report = {
     'platform': devices[0].platform,

@@ -8,6 +8,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmjax.models import layers
 from lmjax.models import model_config
@@ -76,14 +77,20 @@ class Block(nn.Module):
 SCANNED = 'blocks'  # params[SCANNED]: every block's parameters, stacked on axis 0
 
 
+def _block_class(c):
+  """Block, or Block under activation checkpointing with `c.remat`'s policy
+  (deterministic and decode are static; under scan, prevent_cse is unneeded
+  and slows it)."""
+  if c.remat == 'none':
+    return Block
+  return nn.remat(
+    Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers, static_argnums=(4, 5)
+  )
+
+
 def _scanned_blocks(c, x, positions, segment_ids, deterministic: bool, decode: bool):
   """The blocks as one `nn.scan` over a stacked 'layers' axis (parameters and
   the decode cache), the remat policy inside: XLA compiles one block."""
-  block = Block
-  if c.remat != 'none':  # prevent_cse is unneeded under scan, and slows it
-    block = nn.remat(
-      Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False, static_argnums=(4, 5)
-    )
 
   def body(module, carry, positions, segment_ids):
     return module(carry, positions, segment_ids, deterministic, decode), None
@@ -96,7 +103,7 @@ def _scanned_blocks(c, x, positions, segment_ids, deterministic: bool, decode: b
     length=c.num_layers,
     metadata_params={nn.PARTITION_NAME: 'layers'},
   )
-  return scan(block(c, name=SCANNED), x, positions, segment_ids)[0]
+  return scan(_block_class(c)(c, name=SCANNED), x, positions, segment_ids)[0]
 
 
 def unstack_layers(flat: dict, num_layers: int, take=lambda value, i: value[i]) -> dict:
@@ -113,12 +120,9 @@ def unstack_layers(flat: dict, num_layers: int, take=lambda value, i: value[i]) 
   return out
 
 
-def stack_layers(flat: dict, num_layers: int, stack=None) -> dict:
-  """The inverse of `unstack_layers`: the loop's per-block leaves stacked on a
-  leading axis under SCANNED (`stack`: np.stack unless given)."""
-  import numpy as np  # noqa: PLC0415 (only the converters need it)
-
-  stack = stack or np.stack
+def stack_layers(flat: dict, num_layers: int) -> dict:
+  """The inverse of `unstack_layers`: the loop's per-block leaves stacked (numpy)
+  on a leading axis under SCANNED."""
   out, layers = {}, {}
   for path, value in flat.items():
     head = path[0]
@@ -131,7 +135,7 @@ def stack_layers(flat: dict, num_layers: int, stack=None) -> dict:
       raise ValueError(
         f'blocks {sorted(by_layer)} of {"/".join(rest)}: expected 0..{num_layers - 1}'
       )
-    out[(SCANNED, *rest)] = stack([by_layer[i] for i in range(num_layers)])
+    out[(SCANNED, *rest)] = np.stack([by_layer[i] for i in range(num_layers)])
   return out
 
 
@@ -202,13 +206,10 @@ class TransformerLM(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if c.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat must be one of {", ".join(REMAT_POLICIES)}; got {c.remat!r}')
-    static = dict(static_argnums=(4, 5))  # deterministic, decode
     if c.scan_layers:
       x = _scanned_blocks(c, x, positions, segment_ids, deterministic, decode)
     else:
-      block = (
-        Block if c.remat == 'none' else nn.remat(Block, policy=REMAT_POLICIES[c.remat], **static)
-      )
+      block = _block_class(c)
       for i in range(c.num_layers):
         x = block(c, name=f'block_{i}')(x, positions, segment_ids, deterministic, decode)
     if c.block != 'post_norm':
