@@ -18,13 +18,15 @@ from absl import flags
 from lmjax import checkpoint
 from lmjax import config as config_lib
 from lmjax import cpu_host
+from lmjax import data as data_layer
 from lmjax import derived as derived_lib
 from lmjax import distributed
 from lmjax import finetune
 from lmjax import sharding
 from lmjax import tasks
 from lmjax import train_state
-from lmjax.data import corpora
+
+corpora = data_layer.lazy('lmjax.data.corpora')  # its errors; TensorFlow when read
 
 
 @dataclasses.dataclass

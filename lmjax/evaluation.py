@@ -2,6 +2,8 @@
 accuracy of a language model, every token once (the classifier's loop, whose
 metrics need every example, is in lmjax.tasks)."""
 
+from __future__ import annotations
+
 import functools
 
 import jax
@@ -10,12 +12,15 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from lmjax import cpu_host
+from lmjax import data as data_layer
 from lmjax import metrics as metrics_lib
 from lmjax import sharding
 from lmjax import steps
 from lmjax import watchdog
-from lmjax.data import pipeline
 from lmjax.models import recurrent
+
+# The data layer (TensorFlow) loads when a task first reads data.
+pipeline = data_layer.lazy('lmjax.data.pipeline')
 
 
 def make_eval_fn(model, tokenizer, param_shardings, mesh):

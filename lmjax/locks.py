@@ -25,11 +25,18 @@ import sys
 import threading
 import time
 
-import tensorflow as tf
+from lmjax import fs
 
 
 class LockError(RuntimeError):
   """The directory is held by another process."""
+
+
+def _tf():
+  """TensorFlow, for locks on object stores (gs://...) only: local locks use flock."""
+  import tensorflow as tf
+
+  return tf
 
 
 def _record() -> dict:
@@ -129,7 +136,7 @@ class Lock:
     """None once locked; else the holder's record."""
     import fcntl  # POSIX only, like flock itself
 
-    tf.io.gfile.makedirs(self.directory)
+    fs.makedirs(self.directory)
     handle = open(self.path, 'a+', encoding='utf-8')
     try:
       fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,20 +155,20 @@ class Lock:
 
   def _read_remote(self) -> dict | None:
     try:
-      with tf.io.gfile.GFile(self.path, 'r') as f:
+      with _tf().io.gfile.GFile(self.path, 'r') as f:
         return _parse(f.read())
-    except tf.errors.NotFoundError:
+    except _tf().errors.NotFoundError:
       return None
 
   def _write_remote(self, record: dict) -> None:
     """Written whole under another name, then renamed: a reader never sees half a record."""
     staging = f'{self.path}.{record["host"]}.{record["pid"]}.tmp'
-    with tf.io.gfile.GFile(staging, 'w') as f:
+    with _tf().io.gfile.GFile(staging, 'w') as f:
       f.write(json.dumps(record))
-    tf.io.gfile.rename(staging, self.path, overwrite=True)
+    _tf().io.gfile.rename(staging, self.path, overwrite=True)
 
   def _try_remote(self) -> dict | None:
-    tf.io.gfile.makedirs(self.directory)
+    _tf().io.gfile.makedirs(self.directory)
     holder = self._read_remote()
     if holder and time.time() - float(holder.get('heartbeat', 0)) < self.stale_s:
       return holder
@@ -187,7 +194,7 @@ class Lock:
       try:
         self._record = {**self._record, 'heartbeat': time.time()}
         self._write_remote(self._record)
-      except tf.errors.OpError as error:  # a passing outage: the next beat tries again
+      except _tf().errors.OpError as error:  # a passing outage: the next beat tries again
         print(f'warning: could not refresh the lock {self.path}: {error}', file=sys.stderr)
 
   def release(self) -> None:
@@ -200,5 +207,5 @@ class Lock:
     elif self._record is not None and self.remote:
       self._stop.set()
       if _same_holder(self._read_remote() or {}, self._record):
-        tf.io.gfile.remove(self.path)
+        _tf().io.gfile.remove(self.path)
     self._record = None

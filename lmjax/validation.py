@@ -4,7 +4,7 @@ fields. A typo in `model.norm` used to surface only when the model was traced,
 after both splits were tokenized (and sentencepiece maybe trained); now it is
 the first thing a run says.
 
-The lists of valid names are the modules' own (`pipeline.LAYOUTS`,
+The lists of valid names are the modules' own (`packing.LAYOUTS`,
 `train_state.OPTIMIZERS`, ...), so a new choice is added in one place.
 """
 
@@ -14,8 +14,8 @@ from lmjax import models
 from lmjax import steps
 from lmjax import tasks
 from lmjax import train_state
-from lmjax.data import corpora
-from lmjax.data import pipeline
+from lmjax.data import cleaning
+from lmjax.data import packing
 from lmjax.data import tokenizers
 from lmjax.models import classifier
 from lmjax.models import layers
@@ -26,8 +26,8 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 CHOICES = {
   'parallelism': steps.PARALLELISMS,
   'task': tasks.REGISTRY,  # read at each check: a task registered later is valid
-  'data.layout': pipeline.LAYOUTS,
-  'data.documents': tuple(corpora.DOCUMENT_UNITS),
+  'data.layout': packing.LAYOUTS,
+  'data.documents': tuple(cleaning.DOCUMENT_UNITS),
   'data.invalid_utf8': ('error', 'replace'),
   'classify.pooling': ('auto',) + classifier.POOLINGS,
   'finetune.mode': finetune.MODES,
@@ -41,6 +41,7 @@ CHOICES = {
   'model.block': transformer.BLOCKS,
   'model.rope_scaling.kind': layers.ROPE_SCALINGS,
   'model.remat': tuple(transformer.REMAT_POLICIES),
+  'model.attention': layers.ATTENTION_KERNELS,
   'model.dtype': DTYPES,
   'model.param_dtype': DTYPES,
   'optimizer.name': train_state.OPTIMIZERS,

@@ -5,6 +5,9 @@ differently from what it was trained on)."""
 import re
 import unicodedata
 
+# data.documents: a record is one document, or is cut at blank lines or at lines.
+DOCUMENT_UNITS = {'': None, 'paragraphs': '\n\n', 'lines': '\n'}
+
 # C0 and C1 control characters, except tab, newline and carriage return.
 _CONTROL = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]')
 

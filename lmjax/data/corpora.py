@@ -27,6 +27,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lmjax import locks
+from lmjax.data import cleaning
 
 # tf.data only feeds the host: keep TensorFlow off the accelerators JAX uses.
 for _kind in ('GPU', 'TPU'):
@@ -364,7 +365,7 @@ def _files_documents(data_config, split: str) -> tf.data.Dataset:
   return tf.data.Dataset.from_tensor_slices((list(paths), list(starts), list(ends))).map(read)
 
 
-DOCUMENT_UNITS = {'': None, 'paragraphs': '\n\n', 'lines': '\n'}
+DOCUMENT_UNITS = cleaning.DOCUMENT_UNITS
 
 
 def documents(data_config, split: str) -> tf.data.Dataset:

@@ -24,6 +24,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# data.layout: fixed windows, packed documents, or a stateful stream (recurrent models).
+LAYOUTS = ('windows', 'packed', 'stream')
+
 OPEN_ROWS = 64  # Rows that packing keeps open for later, shorter documents.
 PENDING_ROWS = 2048  # Rows held (open, or closed behind an open one) before emitting.
 CHUNK_TOKENS = 1 << 22  # Tokens placed and gathered per call.

@@ -42,7 +42,7 @@ from lmjax.data import packing
 from lmjax.data import store
 
 _ENCODE_BATCH = 256  # Documents tokenized per call (sentencepiece runs them in parallel).
-LAYOUTS = ('windows', 'packed', 'stream')
+LAYOUTS = packing.LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ logits against `targets` (one per token for a language model, one per row for
 a classifier), so the step needs no task switch either.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -17,9 +19,12 @@ from typing import Any
 
 import jax
 
+from lmjax import data as data_layer
 from lmjax import derived as derived_lib
 from lmjax import models
-from lmjax.data import pipeline
+
+# The data layer (TensorFlow) loads when a task first reads data.
+pipeline = data_layer.lazy('lmjax.data.pipeline')
 
 
 def log(message: str) -> None:

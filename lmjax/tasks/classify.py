@@ -3,6 +3,8 @@ classifier head; exact accuracy / precision / recall / F1 / ROC AUC over the
 whole split (every example's probabilities are gathered to the host, nothing is
 averaged per batch); the baseline is the majority class."""
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 
@@ -11,15 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import classification_metrics
+from lmjax import data as data_layer
 from lmjax import derived as derived_lib
 from lmjax import models
 from lmjax import sharding
 from lmjax import steps
 from lmjax import watchdog
-from lmjax.data import corpora
-from lmjax.data import labelled
-from lmjax.data import pipeline
 from lmjax.tasks import base
+
+# The data layer (TensorFlow) loads when a task first reads data.
+corpora = data_layer.lazy('lmjax.data.corpora')
+labelled = data_layer.lazy('lmjax.data.labelled')
+pipeline = data_layer.lazy('lmjax.data.pipeline')
 
 
 def _outputs(params, batch, *, model):

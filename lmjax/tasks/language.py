@@ -7,15 +7,20 @@ mlm  masked-token prediction with the bidirectional encoder: the same stream
      accuracy on the chosen positions only.
 """
 
+from __future__ import annotations
+
 import dataclasses
 
 import jax
 import numpy as np
 
+from lmjax import data as data_layer
 from lmjax import evaluation
 from lmjax import models
-from lmjax.data import pipeline
 from lmjax.tasks import base
+
+# The data layer (TensorFlow) loads when a task first reads data.
+pipeline = data_layer.lazy('lmjax.data.pipeline')
 
 
 def _packed_len(data_config) -> int:
