@@ -30,6 +30,8 @@ from lmjax import steps
 from lmjax import tasks
 from lmjax import train_state
 from lmjax import validation
+from lmjax.models import layers
+from lmjax.models import transformer
 
 TOPOLOGY_HELP = (
   "a TPU slice as generation:chips ('v4:2x2x1', 'v5e:4x4', 'v5p:2x2x2', 'v6e:2x2') "
@@ -202,7 +204,14 @@ def compile_report(config, topology: str = '') -> dict:
   # XLA's cost analysis counts a loop's body once, so for scanned blocks it sees
   # one layer: the step's FLOPs are then the model's, times what remat recomputes.
   backbone = getattr(model, 'backbone', model)  # a classifier's is its backbone's
-  scanned = backbone.config.scan_layers and not models.is_recurrent(backbone)
+  recurrent = models.is_recurrent(backbone)
+  scanned = not recurrent and transformer.rolled_scan(backbone.config)
+  attention = None
+  if not recurrent:
+    c = backbone.config
+    attention = layers.attention_kernel(
+      c.attention, devices[0].platform, c.dtype, seq_len, c.attention_head_dim
+    )
   flops = model_flops * metrics.hardware_flops_ratio(config.model.remat) if scanned else counted
   report = {
     'platform': devices[0].platform,
@@ -224,6 +233,11 @@ def compile_report(config, topology: str = '') -> dict:
     'model_flops_per_step': model_flops,  # per chip, 6N + attention
     'step_s_estimate': float(f'{flops / peak:.4g}') if flops and peak else None,
     'peak_flops_per_chip': peak,
+    'attention': attention,  # the kernel (layers.attention_kernel)
+    # Pallas (Mosaic) kernels in the compiled TPU program: the splash kernel lowered
+    'tpu_custom_calls': compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    if compiled
+    else None,
   }
   if task.generates_text and compiled:
     report['decode'] = _decode_report(config, model, mesh, hbm)

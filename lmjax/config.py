@@ -263,6 +263,10 @@ def base_config() -> ml_collections.ConfigDict:
   # parameters stacked on a leading 'layers' axis under params['blocks'] (False: a
   # Python loop, params['block_0'], ...; runs saved before this key had it).
   c.model.scan_layers = True
+  # The attention kernel: 'auto' (TPU: the Pallas splash kernel where data.seq_len
+  # is a multiple of 128; GPU: cuDNN flash attention in bf16/fp16; else 'xla'),
+  # 'xla' (the written-out softmax), 'cudnn' or 'splash' (off a TPU: interpreted).
+  c.model.attention = 'auto'
   c.model.dtype = 'float32'  # Compute dtype ('bfloat16' for mixed precision).
   c.model.param_dtype = 'float32'  # Parameter storage dtype.
 

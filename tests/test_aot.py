@@ -46,7 +46,8 @@ def test_a_wrong_topology_is_a_clear_error(name):
   ],
 )
 def test_tiny_config_compiles_for_a_tpu_slice(corpus_dir, topology, kind, hbm):
-  config = tiny_config(corpus_dir, **{'mesh.data': 2, 'mesh.fsdp': 2, 'model.dtype': 'bfloat16'})
+  overrides = {'mesh.data': 2, 'mesh.fsdp': 2, 'model.dtype': 'bfloat16', 'data.seq_len': 128}
+  config = tiny_config(corpus_dir, **overrides, **{'model.num_layers': 3})
   report = aot.compile_report(config, topology)
   assert report['platform'] == 'tpu' and report['device_kind'] == kind and report['chips'] == 4
   assert report['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 1}
@@ -56,20 +57,31 @@ def test_tiny_config_compiles_for_a_tpu_slice(corpus_dir, topology, kind, hbm):
   assert chip['margin_gib'] == pytest.approx(hbm - chip['peak_gib'], abs=1e-3)
   # fsdp=2 holds half of every parameter (the embedding's and the kernels' embed axis).
   assert chip['params_gib'] == pytest.approx(report['params'] * 4 / 2 / 2**30, rel=0.1)
-  # Scanned blocks: the compiler counts the loop's body once, so the step's FLOPs
-  # are the model's; looped, the compiler's count agrees with 6N + attention per chip.
+  # The Pallas splash kernel lowered for the TPU: forward, and the dq and dkv backward.
+  assert report['attention'] == 'splash' and report['tpu_custom_calls'] >= 3
+  # Scanned blocks (3 > transformer.UNROLLED_SCAN_LAYERS, so a loop): the compiler
+  # counts the loop's body once, so the step's FLOPs are the model's; looped, the
+  # compiler's count agrees with 6N + attention per chip.
   assert report['flops_source'].startswith('model')
   assert report['flops_per_step'] == report['model_flops_per_step']
   assert report['compiler_flops_per_step'] < report['model_flops_per_step']
-  loop = aot.compile_report(
-    tiny_config(corpus_dir, **{'mesh.data': 4, 'model.scan_layers': False}), topology
-  )
-  assert loop['flops_source'] == 'compiler'
-  assert 0.8 < loop['flops_per_step'] / loop['model_flops_per_step'] < 1.6
   assert report['step_s_estimate'] == pytest.approx(
     report['flops_per_step'] / report['peak_flops_per_chip'], rel=1e-3
   )
   assert report['decode']['per_chip']['fits'] is True
+
+
+@pytest.mark.slow
+def test_the_compilers_flops_of_blocks_in_line_agree_with_the_models(corpus_dir):
+  """Blocks in the program's line (the loop, or a scan of up to
+  transformer.UNROLLED_SCAN_LAYERS): the compiler counts them all, and its count
+  agrees with 6N + attention per chip."""
+  for scan in (False, True):
+    overrides = {'mesh.data': 4, 'model.scan_layers': scan}
+    report = aot.compile_report(tiny_config(corpus_dir, **overrides), 'v5e:2x2')
+    assert report['flops_source'] == 'compiler'
+    assert report['attention'] == 'xla' and report['tpu_custom_calls'] == 0  # 32 tokens
+    assert 0.8 < report['flops_per_step'] / report['model_flops_per_step'] < 1.6
 
 
 def test_a_job_too_large_for_the_chips_does_not_fit(corpus_dir):
@@ -93,6 +105,7 @@ def test_gpt2_124m_compiles_for_tpu_slices(topology):
   assert report['params'] > 124e6 and report['chips'] == 4
   assert chip['fits'] is True and chip['peak_gib'] > chip['params_gib'] * 3  # + Adam's moments
   assert report['flops_per_step'] == pytest.approx(report['model_flops_per_step'])  # remat dots
+  assert report['attention'] == 'splash' and report['tpu_custom_calls'] >= 3
   assert report['decode']['per_chip']['fits'] is True
 
 

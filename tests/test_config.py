@@ -118,6 +118,7 @@ def test_every_choice_is_checked_before_anything_runs(field, value, message):
     validation.check(config)
 
 
+@pytest.mark.slow
 def test_a_bad_choice_stops_the_train_command_before_any_io(tmp_path):
   # It used to surface only when the model was traced, after both splits were
   # tokenized (and sentencepiece maybe trained).

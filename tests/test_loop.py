@@ -22,6 +22,7 @@ def test_every_picks_multiples_and_the_last_step_as_asked():
   assert not any(never(s) for s in range(1, 9))
 
 
+@pytest.mark.slow
 def test_hooks_run_at_their_cadence_and_the_profiler_traces_its_steps(corpus_dir, tmp_path, capsys):
   workdir = str(tmp_path / 'run')
   config = tiny_config(

@@ -60,8 +60,8 @@ def test_loss_at_init_is_about_log_vocab(vocab):
     {},
     {'positions': 'rope'},
     {'mlp': 'swiglu', 'norm': 'rmsnorm'},
-    {'tie_embeddings': False, 'vocab_multiple': 64},
-    {'dtype': 'bfloat16'},
+    pytest.param({'tie_embeddings': False, 'vocab_multiple': 64}, marks=pytest.mark.slow),
+    pytest.param({'dtype': 'bfloat16'}, marks=pytest.mark.slow),
   ],
 )
 def test_causal_no_token_sees_the_future(fields):
@@ -147,7 +147,13 @@ def run_steps(model, opt, tokens, num_steps, mesh):
   return losses, state
 
 
-@pytest.mark.parametrize('name', train_state.OPTIMIZERS)
+@pytest.mark.parametrize(
+  'name',
+  [
+    n if n in ('adamw', 'adafactor') else pytest.param(n, marks=pytest.mark.slow)
+    for n in train_state.OPTIMIZERS
+  ],
+)
 def test_every_optimizer_lowers_the_loss_on_a_repeated_batch(name):
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
   model = models.build_model(model_config(), 50, 16)
@@ -184,6 +190,7 @@ def test_weight_decay_skips_norms_and_biases():
   assert not mask['block_0']['attention_norm']['LayerNorm_0']['scale']
 
 
+@pytest.mark.slow
 def test_state_is_created_sharded_on_a_2x2x2_mesh_and_trains_like_one_device():
   tokens = np.random.default_rng(3).integers(0, 50, (8, 17))
   model = models.build_model(model_config(), 50, 16)
@@ -281,23 +288,26 @@ def test_grouped_query_attention_is_attention_over_repeated_key_value_heads():
     dict(remat='dots', positions='rope', mlp='swiglu', norm='rmsnorm', num_kv_heads=1),
     pytest.param(dict(), marks=pytest.mark.slow),
     pytest.param(dict(remat='full'), marks=pytest.mark.slow),
-    dict(family='encoder', block='post_norm', bias=True),
+    dict(family='encoder', block='post_norm', bias=True, num_layers=2),  # unrolled
   ],
 )
 def test_scanned_blocks_compute_the_loop_of_blocks(settings):
   """model.scan_layers stacks every block's parameters on a leading axis under
   params['blocks']; the same weights, unstacked into block_0.., give the loop's
-  loss and gradients, and the same decoded logits through the stacked cache."""
-  settings = dict(num_layers=3, **settings)
+  loss and gradients, and the same decoded logits through the stacked cache.
+  Three layers run as a loop in the program; two (transformer.UNROLLED_SCAN_LAYERS)
+  in line, over the same stacked parameters."""
+  settings = {'num_layers': 3, **settings}
+  depth = settings['num_layers']
   scanned = models.build_model(model_config(**settings), 50, 16)
   loop = models.build_model(model_config(scan_layers=False, **settings), 50, 16)
   params = init_params(scanned)
-  assert params['blocks']['mlp']['down']['kernel'].shape[0] == 3
+  assert params['blocks']['mlp']['down']['kernel'].shape[0] == depth
   flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-  unstacked = transformer.unstack_layers(flat, 3)
+  unstacked = transformer.unstack_layers(flat, depth)
   assert set(traverse_util.flatten_dict(init_params(loop))) == set(unstacked)
   loop_params = traverse_util.unflatten_dict(unstacked)
-  back = transformer.stack_layers(unstacked, 3)
+  back = transformer.stack_layers(unstacked, depth)
   assert all(np.array_equal(back[path], flat[path]) for path in flat)
   batch = batch_of(np.random.default_rng(1).integers(0, 50, (2, 17)))
 
@@ -305,11 +315,11 @@ def test_scanned_blocks_compute_the_loop_of_blocks(settings):
     logits, _ = steps.apply_model(model, p, batch, deterministic=True)
     return steps.token_losses(logits, batch['targets'])[0].mean()
 
-  value, grads = jax.value_and_grad(functools.partial(loss, scanned))(params)
-  loop_value, loop_grads = jax.value_and_grad(functools.partial(loss, loop))(loop_params)
+  value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, scanned)))(params)
+  loop_value, loop_grads = jax.jit(jax.value_and_grad(functools.partial(loss, loop)))(loop_params)
   np.testing.assert_allclose(value, loop_value, rtol=1e-5)
   loop_grads = transformer.stack_layers(
-    traverse_util.flatten_dict(jax.tree.map(np.asarray, loop_grads)), 3
+    traverse_util.flatten_dict(jax.tree.map(np.asarray, loop_grads)), depth
   )
   for path, grad in traverse_util.flatten_dict(grads).items():
     np.testing.assert_allclose(grad, loop_grads[path], atol=1e-6, err_msg=str(path))

@@ -76,7 +76,7 @@ def test_prompts_of_different_lengths_decode_like_each_alone(family):
     np.testing.assert_array_equal(row, alone[0])
 
 
-@pytest.mark.parametrize('use_cache', [True, False])
+@pytest.mark.parametrize('use_cache', [pytest.param(True, marks=pytest.mark.slow), False])
 def test_prompts_of_different_lengths_decode_past_a_learned_context(use_cache):
   # Prompt + new tokens exceed the learned positions' context, so generation
   # recomputes over the last CONTEXT tokens (as `lmjax.sample` does for

@@ -178,14 +178,57 @@ def rope(x, positions, inverse_frequency=None):
   return rotated.astype(x.dtype)
 
 
-def attention(query, key, value, mask=None, causal: bool = True):
-  """softmax(q k^T / sqrt(d) + mask) v over [batch, length, heads, kv], with the
-  causal mask (decoder) or without (encoder), and `mask` [batch, 1, q, k] on top;
-  scores and softmax in float32. Fewer key/value heads than query heads is
-  grouped-query attention: query head h reads key/value head h // (heads /
-  kv_heads), as if each were repeated. Written out rather than
-  jax.nn.dot_product_attention: on CPU, XLA then keeps the heads-major layout
-  batched matmuls want (about 2 % of the shakespeare_char step)."""
+ATTENTION_KERNELS = ('auto', 'xla', 'cudnn', 'splash')  # model.attention
+SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the length
+
+
+def attention_kernel(requested: str, platform_name: str, dtype, length: int, head_dim: int) -> str:
+  """The kernel `attention` runs: `requested` unless it is 'auto', which picks
+  the Pallas splash kernel on TPU where the length is a multiple of 128, cuDNN
+  flash attention on GPU in 16-bit floats with a head size it supports (a
+  multiple of 8, at most 128), and else XLA's (today's written-out softmax)."""
+  if requested not in ATTENTION_KERNELS:
+    raise ValueError(f'model.attention={requested!r}: choose one of {ATTENTION_KERNELS}')
+  if requested != 'auto':
+    return requested
+  if platform_name == 'tpu' and length % SPLASH_BLOCKS[-1] == 0:
+    return 'splash'
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if platform_name == 'gpu' and half and head_dim % 8 == 0 and head_dim <= 128:
+    return 'cudnn'
+  return 'xla'
+
+
+def attention(query, key, value, segment_ids=None, causal: bool = True, kernel: str = 'auto'):
+  """softmax(q k^T / sqrt(d)) v over [batch, length, heads, kv], causal
+  (decoder) or not (encoder); with `segment_ids` [batch, length], a token
+  attends only within its segment (packed rows; 0 = padding). Fewer key/value
+  heads than query heads is grouped-query attention: query head h reads
+  key/value head h // (heads / kv_heads). One function, one implementation per
+  platform (`attention_kernel`): 'xla' (scores and softmax in float32), 'cudnn'
+  (jax.nn.dot_product_attention's cuDNN flash kernel) or 'splash' (the Pallas
+  TPU splash kernel; off a TPU it runs in Pallas' interpret mode, for tests)."""
+  platform_name = platform()
+  chosen = attention_kernel(kernel, platform_name, query.dtype, query.shape[1], query.shape[-1])
+  if chosen == 'splash':
+    return _splash_attention(query, key, value, segment_ids, causal, platform_name != 'tpu')
+  mask = None
+  if segment_ids is not None:
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if chosen == 'cudnn':
+    if platform_name != 'gpu':
+      raise ValueError(f"model.attention='cudnn' needs a GPU; this program is for {platform_name}")
+    return jax.nn.dot_product_attention(
+      query, key, value, mask=mask, is_causal=causal, implementation='cudnn'
+    )
+  return xla_attention(query, key, value, mask, causal)
+
+
+def xla_attention(query, key, value, mask=None, causal: bool = True):
+  """The reference formulation, with `mask` [batch, 1, q, k] on top of the
+  causal one. Written out rather than jax.nn.dot_product_attention: on CPU, XLA
+  then keeps the heads-major layout batched matmuls want (about 2 % of the
+  shakespeare_char step)."""
   batch, length, heads, head_dim = query.shape
   kv_heads = key.shape[2]
   scale = jnp.asarray(head_dim**-0.5, query.dtype)
@@ -208,6 +251,60 @@ def attention(query, key, value, mask=None, causal: bool = True):
   return jnp.einsum('bhqs,bshk->bqhk', probs, value)
 
 
+def _splash_attention(query, key, value, segment_ids, causal: bool, interpret: bool):
+  """The Pallas splash kernel, per example over [heads, length, kv]. A Pallas
+  kernel cannot be partitioned by the compiler, so under a mesh it runs in
+  shard_map: each device takes its rows (the 'batch' axes) and heads (the
+  'heads' axes) of q, k and v, which attention never mixes."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # noqa: PLC0415 (TPU-only)
+
+  length, head_dim = query.shape[1], query.shape[-1]
+  if length % SPLASH_BLOCKS[-1]:
+    raise ValueError(
+      f'the splash attention kernel needs a length that is a multiple of {SPLASH_BLOCKS[-1]}, '
+      f'got {length}: set data.seq_len, or model.attention=xla'
+    )
+  block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+  blocks = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  mask_kind = splash.CausalMask if causal else splash.FullMask
+
+  def local(q, k, v, segments):  # one device's share: [rows, length, heads, kv]
+    heads = q.shape[2]
+    mask = splash.MultiHeadMask([mask_kind((length, length)) for _ in range(heads)])
+    kernel = splash.make_splash_mha(
+      mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    q, k, v = (jnp.einsum('blhk->bhlk', x) for x in (q, k, v))
+    if segments is None:
+      out = jax.vmap(kernel)(q, k, v)
+    else:
+      ids = splash.SegmentIds(q=segments, kv=segments)
+      out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(q, k, v, ids)
+    return jnp.einsum('bhlk->blhk', out)
+
+  if jax.sharding.get_abstract_mesh().empty:  # one device's program (pmap, or none)
+    return local(query, key, value, segment_ids)
+  spec = nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'kv'))
+  rows = jax.sharding.PartitionSpec(spec[0], None)
+  segments_spec = None if segment_ids is None else rows
+  return jax.shard_map(
+    local,
+    in_specs=(spec, spec, spec, segments_spec),
+    out_specs=spec,
+    check_vma=False,
+  )(query, key, value, segment_ids)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention, causal (decoder) or bidirectional (encoder):
   one fused QKV projection (with `num_kv_heads` < `num_heads`, grouped-query
@@ -226,6 +323,7 @@ class SelfAttention(nn.Module):
   qkv_bias: bool = False  # biases on the query/key/value projections only
   rope_theta: float = 10_000.0
   rope_scaling: tuple = ()
+  kernel: str = 'auto'  # model.attention: see attention_kernel
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -287,10 +385,7 @@ class SelfAttention(nn.Module):
       if not self.causal:
         raise ValueError('a bidirectional encoder cannot decode token by token')
       return self._out(self._decode(query, key, value, positions[0, 0]), head_dim, embed_dim)
-    mask = None
-    if segment_ids is not None:  # Packed rows: no attention across documents.
-      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    out = attention(query, key, value, mask, self.causal)
+    out = attention(query, key, value, segment_ids, self.causal, self.kernel)
     return self._out(out, head_dim, embed_dim)
 
   def _out(self, out, head_dim, embed_dim):

@@ -37,6 +37,7 @@ class ModelConfig:
   tie_embeddings: bool = True  # the output projection is the input embedding
   remat: str = 'none'  # activation checkpointing of whole blocks (transformer.REMAT_POLICIES)
   scan_layers: bool = True  # Transformer blocks under nn.scan (params['blocks'], stacked)
+  attention: str = 'auto'  # the attention kernel (layers.ATTENTION_KERNELS)
   hidden_dim: int = 0  # recurrent hidden units per layer (from_config turns 0 into embed_dim)
   init_scale: float = 0.0  # recurrent: uniform(-s, s) for every parameter; 0 = 1/sqrt(hidden)
   dtype: Any = jnp.float32  # compute dtype
@@ -88,6 +89,7 @@ class ModelConfig:
       tie_embeddings=model_config.tie_embeddings,
       remat=model_config.remat,
       scan_layers=model_config.scan_layers,
+      attention=model_config.attention,
       hidden_dim=model_config.hidden_dim or model_config.embed_dim,
       init_scale=model_config.init_scale,
       dtype=jnp.dtype(model_config.dtype),
