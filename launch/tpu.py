@@ -9,6 +9,8 @@
     python launch/tpu.py status --name lm --zone us-central2-b
     python launch/tpu.py stop   --name lm --zone us-central2-b   # SIGTERM: save, then exit
     python launch/tpu.py delete --name lm --zone us-central2-b
+    python launch/tpu.py sweep  --name lm --zone us-central2-b --slices 4 -- \
+        --sweep configs/sweeps/X.py --dir sweeps/X --storage postgresql://USER@HOST/DB
 
 Every command takes --dry_run, which prints the exact gcloud command lines
 instead of running them. `run` starts the same `python -m lmjax.train ...` on
@@ -17,6 +19,13 @@ each worker, with --env NAME (TFDS_DATA_DIR is passed by default when set)
 forwarded. `run --watch` keeps a spot slice alive: when the slice is preempted
 it deletes it, creates it again, sets it up and starts the same command, which
 resumes from the latest checkpoint in the (GCS) workdir.
+
+`sweep` starts one `python -m lmjax.sweep` worker on each of --slices
+single-host slices (named NAME-0, NAME-1, ...; NAME alone for one), detached,
+logging to ~/lmjax_sweep.log; all of them share one Optuna study through
+--storage, a database every slice reaches (PostgreSQL, MySQL). Each keeps its
+trials' directories under --dir on its own VM; started again on a slice, a
+worker resumes that slice's interrupted trial.
 
 Before `run` starts anything, it compiles the job for the slice's topology on
 this machine (`lmjax.train --compile_only --topology ACCELERATOR`, which needs
@@ -39,6 +48,18 @@ DEFAULT_RUNTIME = {
   'v6e': 'v2-alpha-tpuv6e',
 }
 LOG = '~/lmjax_train.log'
+SWEEP_LOG = '~/lmjax_sweep.log'
+# Slices of one host: a sweep trial is one lmjax.train process.
+SINGLE_HOST = {
+  'v4-8',
+  'v5litepod-1',
+  'v5litepod-4',
+  'v5litepod-8',
+  'v5p-8',
+  'v6e-1',
+  'v6e-4',
+  'v6e-8',
+}
 REMOTE_DIR = '~/lmjax'
 PASSED_ENV = ('TFDS_DATA_DIR',)
 
@@ -119,12 +140,17 @@ def setup_commands(args):
   return [archive, copy, _ssh(args, unpack)]
 
 
-def train_command_line(args) -> str:
-  env = [
+def forwarded_env(args) -> list:
+  """NAME=value for TFDS_DATA_DIR and every --env NAME set here."""
+  return [
     f'{name}={shlex.quote(os.environ[name])}'
     for name in dict.fromkeys(PASSED_ENV + tuple(args.env or ()))
     if name in os.environ
   ]
+
+
+def train_command_line(args) -> str:
+  env = forwarded_env(args)
   train = ' '.join(shlex.quote(a) for a in ['python3', '-m', 'lmjax.train', *args.train_args])
   env.append('LMJAX_DISTRIBUTED=auto')  # every worker joins the slice's jax.distributed job
   return f'cd {REMOTE_DIR} && {" ".join(env)} nohup {train} > {LOG} 2>&1 < /dev/null &'
@@ -190,6 +216,26 @@ def run_commands(args):
   return [_ssh(args, train_command_line(args))]
 
 
+def sweep_commands(args):
+  """One sweep worker per slice, against the shared --storage."""
+  sweep_args = args.train_args
+  if '--storage' not in sweep_args and not any(a.startswith('--storage=') for a in sweep_args):
+    raise SystemExit(
+      'sweep: the slices share one study through a database: give --storage URL after --, '
+      'e.g. -- --sweep configs/sweeps/X.py --dir sweeps/X --storage postgresql://USER@HOST/DB'
+    )
+  if args.accelerator not in SINGLE_HOST:
+    raise SystemExit(
+      f'sweep: {args.accelerator} has several hosts; a sweep trial is one process, so use '
+      f'single-host slices ({", ".join(sorted(SINGLE_HOST))})'
+    )
+  worker = ' '.join(shlex.quote(a) for a in ['python3', '-m', 'lmjax.sweep', *sweep_args])
+  started = ' '.join([*forwarded_env(args), 'nohup', worker])
+  remote = f'cd {REMOTE_DIR} && {started} > {SWEEP_LOG} 2>&1 < /dev/null &'
+  names = [args.name] if args.slices == 1 else [f'{args.name}-{i}' for i in range(args.slices)]
+  return [_ssh(argparse.Namespace(**{**vars(args), 'name': n}), remote, '0') for n in names]
+
+
 def logs_commands(args):
   follow = '' if args.all_workers else ' -f'
   return [
@@ -222,6 +268,7 @@ COMMANDS = {
   'status': status_commands,
   'stop': stop_commands,
   'delete': delete_commands,
+  'sweep': sweep_commands,
 }
 
 
@@ -275,12 +322,13 @@ def parse(argv):
   parser.add_argument('--watch', action='store_true', help='run: re-create on preemption')
   parser.add_argument('--poll', type=int, default=60, help='--watch: seconds between checks')
   parser.add_argument('--dry_run', action='store_true', help='print the gcloud commands only')
+  parser.add_argument('--slices', type=int, default=1, help='sweep: slices, one worker each')
   parser.add_argument(
     '--skip_fit_check', action='store_true', help='run: launch without compiling it here first'
   )
   cut = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:cut])
-  args.train_args = argv[cut + 1 :]  # everything after --: the lmjax.train arguments
+  args.train_args = argv[cut + 1 :]  # everything after --: lmjax.train's (sweep: lmjax.sweep's)
   return args
 
 

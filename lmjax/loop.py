@@ -113,6 +113,10 @@ class Preempted(Exception):
   """Training stopped at a SIGTERM after saving a checkpoint at `step`."""
 
 
+class Pruned(Exception):
+  """A sweep's pruner stopped the run at the evaluation of `step`, with a checkpoint there."""
+
+
 class _Preemption:
   """Has a preemption notice (SIGTERM) arrived? Single process: our own SIGTERM
   handler sets a flag, read after each step (the step in flight finishes first).
@@ -154,9 +158,13 @@ def every(n: int, last_step: int, at_last: bool) -> Callable[[int], bool]:
 class Loop:
   """One run's steps from its state's step to the last, and the hooks between."""
 
-  def __init__(self, run, writer: metrics_lib.MetricWriter, guard: watchdog.Watchdog):
+  def __init__(
+    self, run, writer: metrics_lib.MetricWriter, guard: watchdog.Watchdog, reporter=None
+  ):
+    """`reporter(step, eval record) -> stop?`: a sweep trial's (lmjax.sweep.TrialReporter)."""
     config = run.config
     self.run, self.writer, self.guard = run, writer, guard
+    self.reporter = reporter
     self.last_step = min(run.derived.num_steps, config.train.stop_at or run.derived.num_steps)
     self.start_step = int(sharding.host_copy(run.state.step))
     tokens_per_step = config.train.batch_size * config.data.seq_len
@@ -166,6 +174,7 @@ class Loop:
       metrics_lib.peak_flops(config.model.dtype)[0],
     )
     self.eval_records = {}  # step -> eval metrics, written with that step's train record
+    self.evaluated = {}  # the last evaluation: {step: its metrics}
     self.saved_at = None  # the step of the last save
     self.tracing = False
     self.started = None
@@ -181,6 +190,11 @@ class Loop:
       Hook('log', lambda step: step - 1 > start and (step - 1) % log_every == 0, self.log),
       Hook('evaluation', every(train.eval_every, last, at_last=False), self.evaluate),
       Hook('checkpoint', every(self.run.config.checkpoint.every, last, True), self.save),
+      Hook(
+        'sweep report',
+        lambda step: self.reporter is not None and self.evaluated.get(step) is not None,
+        self.report,
+      ),
       Hook('preemption', lambda step: True, self.check_preemption),
       Hook(
         'profile start',
@@ -260,6 +274,7 @@ class Loop:
     with self.guard.phase('evaluation', step):
       result = run.evaluate(run.model_params(), run.config.train.eval_batches)
     self.eval_records[step] = {f'eval/{k}': v for k, v in result.items()}
+    self.evaluated = {step: self.eval_records[step]}
     run.keep_if_best(step, result)
     log(f'step {step}: eval {run.task.describe(result)}')
     if step % run.config.train.log_every:  # no train record will carry it
@@ -274,6 +289,19 @@ class Loop:
       self.run.save(step)
     self.saved_at = step
     self.progress.exclude(time.perf_counter() - start)
+
+  def report(self, step: int) -> None:
+    """The evaluation of `step` to the sweep; stops here, saved, if it prunes the run."""
+    if not self.reporter(step, self.evaluated[step]):
+      return
+    if step in self.eval_records:  # not written yet: it goes out with no train record
+      self.write(step, {})
+    if self.saved_at != step:
+      self.save(step)
+    with self.guard.phase('save', step):
+      self.run.finish_saves()
+    log(f'pruned by the sweep at step {step}: saved a checkpoint at step {step}')
+    raise Pruned(step)
 
   def check_preemption(self, step: int) -> None:
     with self.guard.phase('preemption check', step):

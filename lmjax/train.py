@@ -35,6 +35,7 @@ from lmjax import sample
 from lmjax import sharding
 from lmjax import steps
 from lmjax import storage
+from lmjax import sweep
 from lmjax import tasks
 from lmjax import train_state
 from lmjax import validation
@@ -275,9 +276,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str, guard: watchdog.Watchdog) -> dict:
   run = setup(config, workdir)  # unbounded: preparing data may take long
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  reporter = sweep.TrialReporter.from_environment()  # in a sweep's trial
   try:
-    start_step, seconds = loop.Loop(run, writer, guard).run_steps()
-  except loop.Preempted:
+    start_step, seconds = loop.Loop(run, writer, guard, reporter).run_steps()
+  except (loop.Preempted, loop.Pruned):
     writer.close()
     run.checkpoints.close()
     raise
@@ -337,6 +339,8 @@ def _main(argv):
     train_and_evaluate(flag_values.config, flag_values.workdir)
   except loop.Preempted:
     sys.exit(loop.PREEMPTED_EXIT_CODE)
+  except loop.Pruned:
+    sys.exit(sweep.PRUNED_EXIT_CODE)
   except (
     config_lib.ConfigError,
     ValueError,

@@ -67,6 +67,41 @@ def test_tpu_dry_runs_match_the_golden_files(name, accelerator, config, flags, g
   assert '--worker=all' in text and 'LMJAX_DISTRIBUTED=auto' in text
 
 
+def launch(*args, env=None):
+  return subprocess.run(
+    [sys.executable, 'launch/tpu.py', *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=60,
+  )
+
+
+def test_a_tpu_sweep_starts_one_worker_per_slice_on_the_shared_storage():
+  sweep = ['--sweep', 'configs/sweeps/shakespeare_char.py', '--dir', 'sweeps/sc']
+  storage = ['--storage', 'postgresql://lm@10.0.0.2/sweeps']
+  common = ['sweep', '--name', 'lm', '--zone', 'us-central2-b', '--dry_run']
+  env = {**os.environ, 'TFDS_DATA_DIR': 'gs://my-bucket/tensorflow_datasets'}
+  done = launch(*common, '--slices', '3', '--', *sweep, *storage, env=env)
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert line.startswith(
+      f'gcloud compute tpus tpu-vm ssh lm-{i} --zone=us-central2-b --worker=0 '
+    )
+    assert (
+      'TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets nohup python3 -m lmjax.sweep '
+      '--sweep configs/sweeps/shakespeare_char.py --dir sweeps/sc '
+      '--storage postgresql://lm@10.0.0.2/sweeps > ~/lmjax_sweep.log'
+    ) in line
+  no_storage = launch(*common, '--', *sweep)
+  assert no_storage.returncode != 0 and 'give --storage URL' in no_storage.stderr
+  pod = launch(*common, '--accelerator', 'v4-32', '--', *sweep, *storage)
+  assert pod.returncode != 0 and 'v4-32 has several hosts' in pod.stderr
+
+
 def test_tpu_configs_load():
   from lmjax import config as config_lib
 

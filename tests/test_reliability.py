@@ -241,6 +241,9 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken(corpus_dir,
       assert f'in use by another training run: process {first.pid} on host' in line
       assert first.poll() is None  # the first run goes on
       wait_for(log, 'step 50/', first)
+      deadline = time.time() + 120  # the step-50 save is asynchronous: wait for its commit
+      while not (workdir / 'checkpoints' / '50').is_dir() and time.time() < deadline:
+        time.sleep(0.1)
     finally:
       first.send_signal(signal.SIGKILL)
       first.wait()
