@@ -50,6 +50,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 
 from lmjax import config as config_lib
@@ -108,6 +109,8 @@ class Sweep:
   timeout_s: float = 0.0  # budget: no new trial after this many seconds (0 = none)
   seed: int = 0  # the sampler's
   startup_trials: int = 1  # median pruner: trials finished before any is pruned
+  prune_after_steps: int = 0  # median pruner: no trial is pruned before this step
+  sampler_startup_trials: int = 0  # TPE: random trials before it models (0 = Optuna's 10)
   baseline: bool = True  # trial 0 runs the base config's own values (not with the grid)
   name: str = ''  # the study's name ('' = the sweep file's name)
 
@@ -217,19 +220,25 @@ def _optuna():
   return optuna
 
 
-def make_sampler(sweep: Sweep):
+def make_sampler(sweep: Sweep, stream: int = 0):
+  """The sampler, seeded with the sweep's seed + `stream`: workers sampling one
+  study each draw their own numbers (the same seed would propose the same points)."""
   optuna = _optuna()
+  seed = sweep.seed + stream
   if sweep.sampler == 'grid':
-    return optuna.samplers.GridSampler(grid(sweep), seed=sweep.seed)
+    return optuna.samplers.GridSampler(grid(sweep), seed=seed)
   if sweep.sampler == 'random':
-    return optuna.samplers.RandomSampler(seed=sweep.seed)
-  return optuna.samplers.TPESampler(seed=sweep.seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+  startup = sweep.sampler_startup_trials
+  return optuna.samplers.TPESampler(seed=seed, **({'n_startup_trials': startup} if startup else {}))
 
 
 def make_pruner(sweep: Sweep):
   optuna = _optuna()
   if sweep.pruner == 'median':
-    return optuna.pruners.MedianPruner(n_startup_trials=sweep.startup_trials)
+    return optuna.pruners.MedianPruner(
+      n_startup_trials=sweep.startup_trials, n_warmup_steps=sweep.prune_after_steps
+    )
   if sweep.pruner == 'successive_halving':
     return optuna.pruners.SuccessiveHalvingPruner()
   if sweep.pruner == 'hyperband':
@@ -260,14 +269,14 @@ def _distribution(dist):
   return d.CategoricalDistribution(list(dist.choices))
 
 
-def open_study(sweep: Sweep, storage):
+def open_study(sweep: Sweep, storage, stream: int = 0):
   """The sweep's study, created on first use (with its start time, and the
-  baseline trial enqueued)."""
+  baseline trial enqueued), sampling with seed stream `stream`."""
   optuna = _optuna()
   study = optuna.create_study(
     study_name=sweep.name,
     storage=storage,
-    sampler=make_sampler(sweep),
+    sampler=make_sampler(sweep, stream),
     pruner=make_pruner(sweep),
     direction=sweep.direction,
     load_if_exists=True,
@@ -370,15 +379,19 @@ class Worker:
     extra=None,
     cores=None,
     label: str = '',
+    index: int = 0,
   ):
+    """Worker `index` of this machine's; with a shared --storage, its seed stream
+    also depends on the host, so machines sample apart."""
     self.sweep_file, self.directory, self.storage_url = sweep_file, directory, storage_url
     self.sweep = sweep
     self.extra = dict(extra or {})
     self.cores = cores
     self.label = label
-    self.storage = storage_for(directory, storage_url)
-    self.study = open_study(self.sweep, self.storage)
     self.host = socket.gethostname()
+    self.storage = storage_for(directory, storage_url)
+    stream = index + (zlib.crc32(self.host.encode()) % 1_000_003 if storage_url else 0)
+    self.study = open_study(self.sweep, self.storage, stream)
 
   def log(self, message: str) -> None:
     print(f'{self.label}{message}', flush=True)
@@ -387,8 +400,8 @@ class Worker:
     return os.path.join(self.directory, 'trials', str(number))
 
   def _next(self):
-    """(trial id, number, params, resumed) of the trial to run next, with its lock
-    held; None when the budget is spent."""
+    """(trial id, number, params, resumed, its directory's lock, held) of the trial
+    to run next: an orphan of this host first; None when the budget is spent."""
     optuna = _optuna()
     with locks.Lock(self.directory, 'ask.lock', 'a sweep worker asking', wait=True):
       for frozen in self.study.get_trials(
@@ -401,6 +414,9 @@ class Worker:
           lock.acquire()
         except locks.LockError:
           continue  # its worker is alive
+        self.study._storage.set_trial_user_attr(
+          frozen._trial_id, 'worker', f'{self.host}:{os.getpid()}'
+        )
         return frozen._trial_id, frozen.number, frozen.params, True, lock
       started = self.study.get_trials(deepcopy=False)
       begun = [t for t in started if t.state != optuna.trial.TrialState.WAITING]
@@ -600,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--timeout_s', type=float, default=None, help='the time budget, likewise')
   parser.add_argument('--report', action='store_true', help='only write results and plots')
   parser.add_argument('--worker_cores', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--worker_index', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   try:
     sweep = load(args.sweep, args.trials, args.timeout_s)
@@ -613,7 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_cores:  # one of --workers N
       cores = [int(c) for c in args.worker_cores.split(',')]
       label = f'[worker {os.getpid()}] '
-      Worker(args.sweep, sweep, directory, args.storage, extra, cores, label).run()
+      index = args.worker_index
+      Worker(args.sweep, sweep, directory, args.storage, extra, cores, label, index).run()
       return 0
     _run(args, sweep, directory, extra)
     summary = report(sweep, directory, args.storage)
@@ -646,9 +664,10 @@ def _run(args, sweep: Sweep, directory: str, extra: dict) -> None:
   command += [] if args.timeout_s is None else ['--timeout_s', str(args.timeout_s)]
   workers = [
     subprocess.Popen(
-      [*command, '--worker_cores', ','.join(map(str, share))], preexec_fn=_die_with_parent(None)
+      [*command, '--worker_cores', ','.join(map(str, share)), '--worker_index', str(i + 1)],
+      preexec_fn=_die_with_parent(None),
     )
-    for share in shares
+    for i, share in enumerate(shares)
   ]
   for worker in workers:
     worker.wait()

@@ -386,3 +386,5 @@ def test_a_simulated_pod_with_two_devices_per_process_evaluates_and_ends(tmp_pat
   )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'step 50: eval loss' in result.stdout and 'final eval' in result.stdout
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[-1] == 100  # both processes took part in the last save
