@@ -220,3 +220,15 @@ def test_a_bad_sweep_is_a_clear_error_before_anything_runs(tmp_path):
   )
   assert done.returncode == 2 and "unknown config key 'train.num_step'" in done.stderr
   assert 'Traceback' not in done.stderr and not directory.exists()
+
+
+@pytest.mark.slow
+def test_a_trial_that_crashes_is_a_failed_trial_and_the_sweep_goes_on(tmp_path, data_dir):
+  # 3 heads do not divide the width of 64: every train run stops with that error.
+  directory = tmp_path / 'sweep'
+  console = run_sweep(directory, data_dir, '--trials', '2', '--set=model.num_heads=3')
+  rows = results(directory)
+  assert [(row['number'], row['state']) for row in rows] == [(0, 'fail'), (1, 'fail')]
+  assert console.count('failed (exit status 1)') == 2
+  assert 'not divisible by model.num_heads=3' in console
+  assert not (directory / 'best_config.json').exists()
