@@ -63,6 +63,22 @@ def check_key_path(config: ml_collections.ConfigDict, dotted: str) -> None:
     walked.append(key)
 
 
+def get(config: ml_collections.ConfigDict, dotted: str):
+  """The value at `a.b.c`."""
+  node = config
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+def set_value(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets `a.b.c` to `value`; raises ConfigError naming the valid keys if it is unknown."""
+  check_key_path(config, dotted)
+  *parents, leaf = dotted.split('.')
+  node = get(config, '.'.join(parents)) if parents else config
+  node[leaf] = value
+
+
 _OVERRIDE = re.compile(r'^--?config\.([^=]+)(=.*)?$')
 
 

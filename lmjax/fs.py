@@ -15,10 +15,15 @@ def _remote(path: str) -> bool:
   return '://' in str(path)
 
 
-def _gfile():
-  import tensorflow as tf  # noqa: PLC0415 - only object-store paths need TensorFlow
+def tensorflow():
+  """TensorFlow, imported on first use: only object-store paths need it."""
+  import tensorflow as tf  # noqa: PLC0415
 
-  return tf.io.gfile
+  return tf
+
+
+def _gfile():
+  return tensorflow().io.gfile
 
 
 def absolute(path: str) -> str:

@@ -32,13 +32,6 @@ class LockError(RuntimeError):
   """The directory is held by another process."""
 
 
-def _tf():
-  """TensorFlow, for locks on object stores (gs://...) only: local locks use flock."""
-  import tensorflow as tf
-
-  return tf
-
-
 def _record() -> dict:
   now = time.time()
   return {
@@ -155,20 +148,20 @@ class Lock:
 
   def _read_remote(self) -> dict | None:
     try:
-      with _tf().io.gfile.GFile(self.path, 'r') as f:
+      with fs.tensorflow().io.gfile.GFile(self.path, 'r') as f:
         return _parse(f.read())
-    except _tf().errors.NotFoundError:
+    except fs.tensorflow().errors.NotFoundError:
       return None
 
   def _write_remote(self, record: dict) -> None:
     """Written whole under another name, then renamed: a reader never sees half a record."""
     staging = f'{self.path}.{record["host"]}.{record["pid"]}.tmp'
-    with _tf().io.gfile.GFile(staging, 'w') as f:
+    with fs.tensorflow().io.gfile.GFile(staging, 'w') as f:
       f.write(json.dumps(record))
-    _tf().io.gfile.rename(staging, self.path, overwrite=True)
+    fs.tensorflow().io.gfile.rename(staging, self.path, overwrite=True)
 
   def _try_remote(self) -> dict | None:
-    _tf().io.gfile.makedirs(self.directory)
+    fs.tensorflow().io.gfile.makedirs(self.directory)
     holder = self._read_remote()
     if holder and time.time() - float(holder.get('heartbeat', 0)) < self.stale_s:
       return holder
@@ -194,7 +187,7 @@ class Lock:
       try:
         self._record = {**self._record, 'heartbeat': time.time()}
         self._write_remote(self._record)
-      except _tf().errors.OpError as error:  # a passing outage: the next beat tries again
+      except fs.tensorflow().errors.OpError as error:  # a passing outage: the next beat tries again
         print(f'warning: could not refresh the lock {self.path}: {error}', file=sys.stderr)
 
   def release(self) -> None:
@@ -207,5 +200,5 @@ class Lock:
     elif self._record is not None and self.remote:
       self._stop.set()
       if _same_holder(self._read_remote() or {}, self._record):
-        _tf().io.gfile.remove(self.path)
+        fs.tensorflow().io.gfile.remove(self.path)
     self._record = None

@@ -138,20 +138,11 @@ def load(spec: str, trials: int | None = None, timeout_s: float | None = None) -
   return sweep
 
 
-def _set(config, dotted: str, value) -> None:
-  config_lib.check_key_path(config, dotted)
-  node = config
-  *parents, leaf = dotted.split('.')
-  for key in parents:
-    node = node[key]
-  node[leaf] = value
-
-
 def base_config(sweep: Sweep, extra: dict | None = None):
   """The base run's config with the sweep's overrides (and `extra`) applied."""
   config = config_lib.load_config_file(sweep.config)
   for dotted, value in {**sweep.overrides, **(extra or {})}.items():
-    _set(config, dotted, value)
+    config_lib.set_value(config, dotted, value)
   return config
 
 
@@ -285,15 +276,8 @@ def open_study(sweep: Sweep, storage, stream: int = 0):
     study.set_user_attr('started_at', time.time())
     if sweep.baseline and sweep.sampler != 'grid':
       config = base_config(sweep)
-      study.enqueue_trial({k: _get(config, k) for k in sweep.space})
+      study.enqueue_trial({k: config_lib.get(config, k) for k in sweep.space})
   return study
-
-
-def _get(config, dotted: str):
-  node = config
-  for key in dotted.split('.'):
-    node = node[key]
-  return node
 
 
 class TrialReporter:

@@ -62,26 +62,19 @@ POSITIVE = (
 )
 
 
-def _value(config, dotted: str):
-  node = config
-  for key in dotted.split('.'):
-    node = node[key]
-  return node
-
-
 def check(config) -> None:
   """Raises config_lib.ConfigError naming the field, its value and what is valid."""
   for dotted, valid in CHOICES.items():
-    value = _value(config, dotted)
+    value = config_lib.get(config, dotted)
     if value not in valid:
       names = ', '.join(str(v) if v else "''" for v in valid)
       raise config_lib.ConfigError(f'{dotted} must be one of {names}; got {value!r}')
   for dotted in POSITIVE:
-    value = _value(config, dotted)
+    value = config_lib.get(config, dotted)
     if not isinstance(value, int) or value < 1:
       raise config_lib.ConfigError(f'{dotted} must be a positive integer; got {value!r}')
   for dotted in ('train.profile_steps', 'train.num_epochs', 'train.stop_at'):
-    value = _value(config, dotted)
+    value = config_lib.get(config, dotted)
     if not isinstance(value, int) or value < 0:
       raise config_lib.ConfigError(f'{dotted} must be a non-negative integer; got {value!r}')
   if not 0.0 <= config.model.dropout < 1.0:

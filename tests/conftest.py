@@ -67,12 +67,7 @@ def tiny_config(corpus_dir, **overrides):
   c.sample.prompt = 'ROMEO:'
   c.sample.max_new_tokens = 20
   for dotted, value in overrides.items():
-    config_lib.check_key_path(c, dotted)
-    node = c
-    *parents, leaf = dotted.split('.')
-    for key in parents:
-      node = node[key]
-    node[leaf] = value
+    config_lib.set_value(c, dotted, value)
   return c
 
 
