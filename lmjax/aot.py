@@ -198,9 +198,9 @@ def compile_report(config, topology: str = '') -> dict:
   compile_s = time.perf_counter() - start
   counted = compiled_flops(compiled) if compiled else None
   peak = metrics.vendor_peak(kind, config.model.dtype)
-  tokens = batch_size * seq_len
-  model_flops = metrics.flops_per_token(model, models.count_params(abstract.params), seq_len)
-  model_flops = model_flops * tokens / len(devices)  # per chip
+  shapes = task.batch_shapes(config, batch_size)
+  _, model_flops = metrics.step_flops(model, models.count_params(abstract.params), shapes)
+  model_flops = model_flops / len(devices)  # per chip
   # XLA's cost analysis counts a loop's body once, so for scanned blocks it sees
   # one layer: the step's FLOPs are then the model's, times what remat recomputes.
   backbone = getattr(model, 'backbone', model)  # a classifier's is its backbone's

@@ -162,8 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
   # N = N; see cpu_host for what a split gains and risks).
   c.cpu_devices = 0
 
-  # 'lm' (next token, causal models), 'mlm' (masked tokens, model.family='encoder')
-  # or 'classify' (a label per text, any family; see `classify`).
+  # 'lm' (next token, causal models), 'mlm' (masked tokens, model.family='encoder'),
+  # 'classify' (a label per text, any family; see `classify`) or 'seq2seq' (a
+  # target text per source text: summarization; see `seq2seq`).
   c.task = 'lm'
   # Fine-tune from a pre-training run: 'WORKDIR' or 'WORKDIR:STEP' (latest, best
   # or a number); its tokenizer is used, its parameters restored (see `finetune`).
@@ -172,6 +173,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = 'python_stdlib'  # tfds corpus name ('python_stdlib' is embedded), or 'files'.
   c.data.text_key = 'text'  # Text feature of the tfds corpus.
+  # task='seq2seq': the source and target text features (tfds: e.g. cnn_dailymail's
+  # 'article' and 'highlights') or fields (CSV/TSV/JSONL files).
+  c.data.source_key = 'source'
+  c.data.target_key = 'target'
   c.data.data_dir = ''  # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   # Token stores (lmjax.data.store): every split tokenized once, reused by later runs;
   # '' = DATA_DIR/lmjax_tokens inside the tfds data_dir (so on gs:// on TPU).
@@ -213,6 +218,25 @@ def base_config() -> ml_collections.ConfigDict:
     'auto'  # 'mean', 'first' or 'last' token ('auto': mean for encoders, else last).
   )
 
+  c.seq2seq = ml_collections.ConfigDict()  # task='seq2seq': (source, target) text pairs.
+  c.seq2seq.max_target_tokens = 64  # Target tokens kept (and generated), before the end token.
+  # Rows: 'packed' (pairs side by side, attention kept within each), 'single' (one
+  # pair per row) or 'auto' (packed for Transformers; single for recurrent models,
+  # whose state would run from one pair into the next).
+  c.seq2seq.rows = 'auto'
+  # model.family='encoder_decoder': decoder row length (0 = max_target_tokens + 1);
+  # the encoder reads rows of data.seq_len.
+  c.seq2seq.target_len = 0
+  # Decoder-only models read `source SEP target EOS`: SEP is '' (one new token after
+  # the tokenizer's vocabulary) or this text, tokenized (e.g. ' TL;DR: ' for an
+  # imported model, whose vocabulary is fixed).
+  c.seq2seq.separator = ''
+  # Generation for ROUGE: 0 = greedy (or sampled, see temperature); k >= 1: beam search.
+  c.seq2seq.beam_size = 0
+  c.seq2seq.length_penalty = 0.0  # Beam search: GNMT's alpha (0 = none; 0.6-1 favours longer).
+  c.seq2seq.temperature = 0.0  # Without beam search: 0 = greedy, else sampled at this temperature.
+  c.seq2seq.eval_examples = 64  # Evaluation: examples generated for ROUGE (-1 = all, 0 = none).
+
   c.finetune = ml_collections.ConfigDict()  # With init_from.
   c.finetune.mode = 'full'  # 'full', 'frozen' (only the new head trains) or 'lora'.
   c.finetune.lora_rank = 8  # LoRA: rank of each adapter.
@@ -236,7 +260,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.min_count = 1  # words: rarer words become <unk>.
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = 'transformer'  # 'transformer', or recurrent: 'rnn' (Elman, tanh), 'lstm', 'gru'.
+  # 'transformer' (causal), 'encoder' (bidirectional), 'encoder_decoder' (seq2seq,
+  # T5/BART-style), or recurrent: 'rnn' (Elman, tanh), 'lstm', 'gru'.
+  c.model.family = 'transformer'
   c.model.num_layers = 4  # Transformer blocks / recurrent layers.
   c.model.num_heads = 4  # Attention heads.
   c.model.embed_dim = 128  # Residual stream width / recurrent models' embedding size.

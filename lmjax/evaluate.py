@@ -85,14 +85,20 @@ def evaluate_checkpoint(
   max_batches: int = -1,
   batch_size: int = 0,
   log=print,
+  eval_examples: int | None = None,
 ) -> dict:
   """Metrics of `split` (default: the run's evaluation split) under the
   checkpoint's own tokenizer and cleaning: loss, perplexity, bits/byte,
   accuracy, tokens and bytes of a language model (mlm: of the masked
   positions); accuracy, precision, recall, F1 and ROC AUC of a classifier,
-  exact over the whole split."""
+  exact over the whole split; the target loss and perplexity of a seq2seq run,
+  and ROUGE-1/2/L/Lsum of targets generated for the split's first
+  `eval_examples` sources (None: the run's seq2seq.eval_examples; -1: all),
+  with the lead-3 baseline's (lead3_rouge1, ...)."""
   restored = restore_for_inference(workdir, step, log)
   config, task = restored.config, restored.task
+  if eval_examples is not None:
+    config.seq2seq.eval_examples = eval_examples
   for key, value in (data_overrides or {}).items():
     config.data[key] = value  # the restored copy: the evaluation's own data settings
   split = split or config.data.eval_split
@@ -157,6 +163,7 @@ def _main(argv):
       flag_values.eval_batches,
       flag_values.batch_size,
       log,
+      None if flag_values.eval_examples < -1 else flag_values.eval_examples,
     )
   except (
     *checkpoint.ERRORS,
@@ -187,6 +194,12 @@ def run():
   flags.DEFINE_string('split', '', "Split to evaluate (tfds syntax; '' = the run's eval split).")
   flags.DEFINE_integer('eval_batches', -1, 'Batches to evaluate (-1 = the whole split).')
   flags.DEFINE_integer('batch_size', 0, "Global batch size (0 = the run's eval batch size).")
+  flags.DEFINE_integer(
+    'eval_examples',
+    -2,
+    'task=seq2seq: sources to generate targets for, for ROUGE (-1 = the whole split, '
+    "-2 = the run's seq2seq.eval_examples).",
+  )
   flags.DEFINE_string('output', '', 'Also write the JSON result to this file.')
   distributed.define_flags()
   app.run(_main, argv=argv)

@@ -56,7 +56,6 @@ def evaluate(
   the split's contiguous rows (the standard protocol for stateful models). With
   `masking` (the masked-LM objective), the metrics are those of the masked
   positions, drawn the same way in every evaluation."""
-  totals = None
   state = recurrent.initial_carry(model, batch_size) if carry else None
   batches = pipeline.eval_batches(
     stream,
@@ -69,12 +68,19 @@ def evaluate(
     masking,
     seed,
   )
+  return evaluate_batches(eval_fn, params, batches, mesh, state)
+
+
+def evaluate_batches(eval_fn, params, batches, mesh, state=None) -> dict:
+  """The metrics of `eval_fn` summed over this process' local `batches`; a
+  recurrent model's `state` (None: none carried) goes from batch to batch."""
+  totals = None
   with sharding.rules_and_mesh(mesh):
     for local in batches:
       sums, new_state = cpu_host.settle(
         eval_fn(params, sharding.make_global_batch(local, mesh), state)
       )
-      if carry:
+      if state is not None:
         state = new_state
       totals = sums if totals is None else cpu_host.settle(jax.tree.map(jnp.add, totals, sums))
       watchdog.beat()

@@ -167,10 +167,9 @@ class Loop:
     self.reporter = reporter
     self.last_step = min(run.derived.num_steps, config.train.stop_at or run.derived.num_steps)
     self.start_step = int(sharding.host_copy(run.state.step))
-    tokens_per_step = config.train.batch_size * config.data.seq_len
+    shapes = run.task.batch_shapes(config, config.train.batch_size)
     self.progress = Progress(
-      tokens_per_step,
-      metrics_lib.flops_per_token(run.model, run.num_params, config.data.seq_len) * tokens_per_step,
+      *metrics_lib.step_flops(run.model, run.num_params, shapes),
       metrics_lib.peak_flops(config.model.dtype)[0],
     )
     self.eval_records = {}  # step -> eval metrics, written with that step's train record

@@ -87,6 +87,29 @@ def flops_per_token(model, num_params: int, seq_len: int = 0) -> float:
   return 6.0 * matmul_params + attention
 
 
+def step_flops(model, num_params: int, shapes: dict) -> tuple[int, float]:
+  """(tokens, training FLOPs) of a step over a batch of `shapes` ({name:
+  (shape, dtype)}, a task's batch_shapes). A decoder-only model or an encoder
+  runs all its parameters on every token (`flops_per_token`); an
+  encoder-decoder runs its encoder on the source tokens and its decoder (with
+  the output projection) on the target tokens, and attends within each and
+  from target to source."""
+  rows, length = shapes['inputs'][0]
+  if not models.is_encoder_decoder(model):
+    return rows * length, flops_per_token(model, num_params, length) * rows * length
+  c = model.config
+  source = shapes['encoder_inputs'][0][1]
+  sample = jnp.zeros((1, source), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), sample))['params']
+  encoder, decoder = (models.count_params(params[name]) for name in ('encoder', 'decoder'))
+  head = c.vocab_size * c.embed_dim  # the output projection (tied or not)
+  width = 12 * c.num_layers * c.num_heads * c.attention_head_dim
+  encoder_tokens, decoder_tokens = rows * source, rows * length
+  flops = (6.0 * encoder + width * source) * encoder_tokens
+  flops += (6.0 * (decoder + head) + width * (length + source)) * decoder_tokens
+  return encoder_tokens + decoder_tokens, flops
+
+
 @functools.cache
 def measure_peak_flops(size: int = 1536, repeats: int = 4) -> float:
   """Peak f32 FLOP/s of this process' devices, from a large jitted matmul.

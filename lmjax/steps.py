@@ -36,11 +36,19 @@ def token_losses(logits, targets):
 
 def apply_model(model, params, batch, carry=None, **kwargs):
   """(logits, carry) for a batch. Packed batches also carry positions and
-  segment_ids; recurrent models take the previous carry (None = zeros) and the
-  batch's `reset` rows, and return the next carry (a Transformer's is None)."""
+  segment_ids; an encoder-decoder reads the encoder's rows (encoder_inputs,
+  encoder_positions, encoder_segment_ids) too; recurrent models take the
+  previous carry (None = zeros) and the batch's `reset` rows, and return the
+  next carry (a Transformer's is None)."""
   if models.is_recurrent(model):
     return model.apply(
       {'params': params}, batch['inputs'], carry=carry, reset=batch.get('reset'), **kwargs
+    )
+  if models.is_encoder_decoder(model):
+    kwargs.update(
+      encoder_tokens=batch['encoder_inputs'],
+      encoder_positions=batch.get('encoder_positions'),
+      encoder_segment_ids=batch.get('encoder_segment_ids'),
     )
   logits = model.apply(
     {'params': params},

@@ -20,6 +20,7 @@ from lmjax.data import tokenizers
 from lmjax.models import classifier
 from lmjax.models import layers
 from lmjax.models import transformer
+from lmjax.tasks import seq2seq
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -30,6 +31,7 @@ CHOICES = {
   'data.documents': tuple(cleaning.DOCUMENT_UNITS),
   'data.invalid_utf8': ('error', 'replace'),
   'classify.pooling': ('auto',) + classifier.POOLINGS,
+  'seq2seq.rows': seq2seq.ROWS,
   'finetune.mode': finetune.MODES,
   'tokenizer.kind': tokenizers.KINDS,
   'tokenizer.model_type': ('bpe', 'unigram'),

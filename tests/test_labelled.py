@@ -101,7 +101,7 @@ def test_bad_labelled_files_say_which_file_line_and_field(tmp_path):
   ):
     labelled.read_split(config.data, config.classify, 'train')
   (tmp_path / 'train.txt').write_text('a\n')
-  with pytest.raises(corpora.CorpusError, match='labelled files must be .csv, .tsv'):
+  with pytest.raises(corpora.CorpusError, match='example files must be .csv, .tsv'):
     labelled.read_split(config_for(tmp_path / 'train.txt').data, config.classify, 'train')
   path.write_text('{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n')
   valid = tmp_path / 'valid.jsonl'

@@ -76,12 +76,16 @@ class LabelledRows:
     return self.take(np.arange(len(self)))[name]
 
 
-def _read_file(path: str, text_key: str, label_key: str) -> list[tuple[str, object]]:
+def read_records(path: str, keys, hint: str) -> list[tuple]:
+  """The fields `keys` of every record of a local CSV, TSV or JSONL file, as
+  tuples in file order (text fields as str); a missing field names the ones the
+  record has and `hint` (the config keys to set). Shared by the labelled
+  examples here and the text pairs of lmjax.data.pairs."""
   kind = FORMATS.get(os.path.splitext(path)[1].lower())
   if kind is None:
-    raise corpora.CorpusError(f'{path}: labelled files must be {", ".join(FORMATS)}')
+    raise corpora.CorpusError(f'{path}: example files must be {", ".join(FORMATS)}')
   corpora.check_text_file(path)
-  examples = []
+  records = []
   with open(path, encoding='utf-8', newline='') as f:
     if kind == 'jsonl':
       for number, line in enumerate(f, 1):
@@ -91,25 +95,26 @@ def _read_file(path: str, text_key: str, label_key: str) -> list[tuple[str, obje
           record = json.loads(line)
         except json.JSONDecodeError as error:
           raise corpora.CorpusError(f'{path}:{number}: not JSON ({error})') from None
-        examples.append(_pick(record, text_key, label_key, f'{path}:{number}'))
+        records.append(_pick(record, keys, f'{path}:{number}', hint))
     else:
       reader = csv.DictReader(f, delimiter=',' if kind == 'csv' else '\t')
       for number, record in enumerate(reader, 2):
-        examples.append(_pick(record, text_key, label_key, f'{path}:{number}'))
-  if not examples:
-    raise corpora.CorpusError(f'{path}: no labelled examples')
-  return examples
+        records.append(_pick(record, keys, f'{path}:{number}', hint))
+  if not records:
+    raise corpora.CorpusError(f'{path}: no examples')
+  return records
 
 
-def _pick(record, text_key: str, label_key: str, where: str):
-  missing = [k for k in (text_key, label_key) if k not in record]
+def _pick(record, keys, where: str, hint: str) -> tuple:
+  if not isinstance(record, dict):
+    raise corpora.CorpusError(f'{where}: a record must be an object with fields {list(keys)}')
+  missing = [k for k in keys if k not in record]
   if missing:
     raise corpora.CorpusError(
       f'{where}: no {" or ".join(map(repr, missing))} field (it has '
-      f'{", ".join(map(repr, record))}); set data.text_key and '
-      'classify.label_key'
+      f'{", ".join(map(repr, record))}); set {hint}'
     )
-  return str(record[text_key]), record[label_key]
+  return (str(record[keys[0]]), *(record[k] for k in keys[1:]))
 
 
 def _file_examples(data_config, classify_config, split: str) -> Iterator[tuple[str, object]]:
@@ -117,7 +122,8 @@ def _file_examples(data_config, classify_config, split: str) -> Iterator[tuple[s
   file's examples, in order, where a text corpus would take a share of its lines),
   read a file at a time."""
   for path, start, end in corpora.checked_parts(data_config, split):
-    records = _read_file(path, data_config.text_key, classify_config.label_key)
+    keys = (data_config.text_key, classify_config.label_key)
+    records = read_records(path, keys, 'data.text_key and classify.label_key')
     position = np.arange(len(records)) / len(records)
     yield from (r for r, p in zip(records, position) if start <= p < end)
 

@@ -91,10 +91,12 @@ def _source_description(data_config, split: str) -> dict:
   return source
 
 
-def description(data_config, split: str, tokenizer, label_key: str = '') -> dict:
+def description(data_config, split: str, tokenizer, label_key: str = '', fields: str = '') -> dict:
   """Everything the tokens depend on (what the key hashes, and the manifest keeps).
   With `label_key`, a labelled store: one document per example, every example
-  kept and no EOS appended, and each example's label (the field `label_key`)."""
+  kept and no EOS appended, and each example's label (the field `label_key`).
+  With `fields` ('source,target' for text pairs), a store of examples whose
+  texts are those fields, each one a document (every one kept, no EOS), in turn."""
   described = {
     'format_version': FORMAT_VERSION,
     'source': _source_description(data_config, split),
@@ -107,14 +109,16 @@ def description(data_config, split: str, tokenizer, label_key: str = '') -> dict
   }
   if label_key:
     described.update(labels=label_key, documents='examples', append_eos=False)
+  elif fields:
+    described.update(fields=fields, documents='examples', append_eos=False)
   return described
 
 
-def directory(data_config, split: str, tokenizer, label_key: str = '') -> str:
-  described = json.dumps(description(data_config, split, tokenizer, label_key), sort_keys=True)
-  key = hashlib.sha256(described.encode()).hexdigest()[:16]
+def directory(data_config, split: str, tokenizer, label_key: str = '', fields: str = '') -> str:
+  described = description(data_config, split, tokenizer, label_key, fields)
+  key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
   corpus = re.sub(r'[^A-Za-z0-9_.-]+', '_', data_config.name)
-  kind = 'labelled-' if label_key else ''
+  kind = 'labelled-' if label_key else 'pairs-' if fields else ''
   return os.path.join(default_cache_dir(data_config), corpus, f'{split}-{kind}{key}')
 
 
@@ -367,19 +371,21 @@ def ensure(
   share: tuple[int, int] = (0, 1),
   log=print,
   label_key: str = '',
+  fields: str = '',
 ) -> tuple[str, dict, bool]:
   """(path, manifest, whether this call prepared shards). Prepares this share's
   missing shards (share (i, n): the shards s with s mod n = i), then waits for
   the others' (other processes of the run, or other machines) and commits. An
   existing store is reused once its files' sizes and checksums match.
   `texts()` yields the split's documents, or with `label_key` its (text,
-  label) examples (a labelled store, read by `Examples`)."""
-  path = directory(data_config, split, tokenizer, label_key)
+  label) examples (a labelled store, read by `Examples`), or with `fields`
+  each example's field texts in turn (a store of examples, read by `Examples`)."""
+  path = directory(data_config, split, tokenizer, label_key, fields)
   manifest = read_manifest(path)
   if manifest is not None:
     verify(path, manifest)
     return path, manifest, False
-  described = description(data_config, split, tokenizer, label_key)
+  described = description(data_config, split, tokenizer, label_key, fields)
   num_shards = described['num_shards']
 
   def prepare(todo):
@@ -393,7 +399,7 @@ def ensure(
     path, 'prepare', num_shards, 'shard', share, prepare, committed, log
   )
   if manifest['documents'] == 0:
-    what = 'examples' if label_key else 'text'
+    what = 'examples' if label_key or fields else 'text'
     raise corpora.CorpusError(f'split {split!r} of corpus {data_config.name!r} has no {what}')
   return path, manifest, prepared
 

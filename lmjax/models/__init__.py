@@ -2,7 +2,8 @@
 
 Families: 'transformer' (causal decoder), 'encoder' (bidirectional Transformer
 for the masked-LM objective; its vocabulary has one more token, [MASK], after
-the tokenizer's), and the recurrent cells. `num_classes` > 0 wraps any of them
+the tokenizer's), 'encoder_decoder' (text-to-text, T5/BART-style), and the
+recurrent cells. `num_classes` > 0 wraps any of them
 in a sequence classifier (lmjax.models.classifier). Every module reads its
 settings from one resolved `ModelConfig` (lmjax.models.model_config)."""
 
@@ -13,7 +14,7 @@ from lmjax.models import model_config as model_config_lib
 from lmjax.models import recurrent
 from lmjax.models import transformer
 
-FAMILIES = ('transformer', 'encoder') + recurrent.CELLS
+FAMILIES = ('transformer', 'encoder', 'encoder_decoder') + recurrent.CELLS
 ModelConfig = model_config_lib.ModelConfig
 padded_vocab_size = model_config_lib.padded_vocab_size
 is_recurrent = recurrent.is_recurrent  # defined there, so that the classifier can ask it too
@@ -46,9 +47,16 @@ def build_model(
 def _language_model(config: ModelConfig):
   if config.family in ('transformer', 'encoder'):
     return transformer.TransformerLM(config)
+  if config.family == 'encoder_decoder':
+    return transformer.EncoderDecoder(config)
   if config.family in recurrent.CELLS:
     return recurrent.RecurrentLM(config)
   raise ValueError(f'unknown model.family {config.family!r}; known: {", ".join(FAMILIES)}')
+
+
+def is_encoder_decoder(model) -> bool:
+  """Encoder-decoders take the encoder's batch (encoder_inputs, ...) too."""
+  return getattr(model, 'encoder_decoder', False)
 
 
 def count_params(params) -> int:

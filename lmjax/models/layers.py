@@ -199,7 +199,15 @@ def attention_kernel(requested: str, platform_name: str, dtype, length: int, hea
   return 'xla'
 
 
-def attention(query, key, value, segment_ids=None, causal: bool = True, kernel: str = 'auto'):
+def attention(
+  query,
+  key,
+  value,
+  segment_ids=None,
+  causal: bool = True,
+  kernel: str = 'auto',
+  kv_segment_ids=None,
+):
   """softmax(q k^T / sqrt(d)) v over [batch, length, heads, kv], causal
   (decoder) or not (encoder); with `segment_ids` [batch, length], a token
   attends only within its segment (packed rows; 0 = padding). Fewer key/value
@@ -207,14 +215,23 @@ def attention(query, key, value, segment_ids=None, causal: bool = True, kernel: 
   key/value head h // (heads / kv_heads). One function, one implementation per
   platform (`attention_kernel`): 'xla' (scores and softmax in float32), 'cudnn'
   (jax.nn.dot_product_attention's cuDNN flash kernel) or 'splash' (the Pallas
-  TPU splash kernel; off a TPU it runs in Pallas' interpret mode, for tests)."""
+  TPU splash kernel; off a TPU it runs in Pallas' interpret mode, for tests).
+  Cross-attention passes keys of another length with their own
+  `kv_segment_ids`: query i then reads key j where their segment ids match."""
   platform_name = platform()
-  chosen = attention_kernel(kernel, platform_name, query.dtype, query.shape[1], query.shape[-1])
+  length = min(query.shape[1], key.shape[1])  # the kernel must tile both
+  chosen = attention_kernel(kernel, platform_name, query.dtype, length, query.shape[-1])
+  if chosen == 'splash' and key.shape[1] % SPLASH_BLOCKS[-1]:
+    chosen = 'xla' if kernel == 'auto' else chosen
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids
   if chosen == 'splash':
-    return _splash_attention(query, key, value, segment_ids, causal, platform_name != 'tpu')
+    return _splash_attention(
+      query, key, value, segment_ids, causal, platform_name != 'tpu', kv_segment_ids
+    )
   mask = None
   if segment_ids is not None:
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
   if chosen == 'cudnn':
     if platform_name != 'gpu':
       raise ValueError(f"model.attention='cudnn' needs a GPU; this program is for {platform_name}")
@@ -251,20 +268,23 @@ def xla_attention(query, key, value, mask=None, causal: bool = True):
   return jnp.einsum('bhqs,bshk->bqhk', probs, value)
 
 
-def _splash_attention(query, key, value, segment_ids, causal: bool, interpret: bool):
+def _splash_attention(
+  query, key, value, segment_ids, causal: bool, interpret: bool, kv_segment_ids=None
+):
   """The Pallas splash kernel, per example over [heads, length, kv]. A Pallas
   kernel cannot be partitioned by the compiler, so under a mesh it runs in
   shard_map: each device takes its rows (the 'batch' axes) and heads (the
   'heads' axes) of q, k and v, which attention never mixes."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # noqa: PLC0415 (TPU-only)
 
-  length, head_dim = query.shape[1], query.shape[-1]
-  if length % SPLASH_BLOCKS[-1]:
-    raise ValueError(
-      f'the splash attention kernel needs a length that is a multiple of {SPLASH_BLOCKS[-1]}, '
-      f'got {length}: set data.seq_len, or model.attention=xla'
-    )
-  block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+  length, kv_length, head_dim = query.shape[1], key.shape[1], query.shape[-1]
+  for what, n in (('length', length), ('key length', kv_length)):
+    if n % SPLASH_BLOCKS[-1]:
+      raise ValueError(
+        f'the splash attention kernel needs a {what} that is a multiple of '
+        f'{SPLASH_BLOCKS[-1]}, got {n}: set data.seq_len, or model.attention=xla'
+      )
+  block = next(b for b in SPLASH_BLOCKS if length % b == 0 and kv_length % b == 0)
   blocks = splash.BlockSizes(
     block_q=block,
     block_kv=block,
@@ -277,9 +297,9 @@ def _splash_attention(query, key, value, segment_ids, causal: bool, interpret: b
   )
   mask_kind = splash.CausalMask if causal else splash.FullMask
 
-  def local(q, k, v, segments):  # one device's share: [rows, length, heads, kv]
+  def local(q, k, v, segments, kv_segments):  # one device's share: [rows, length, heads, kv]
     heads = q.shape[2]
-    mask = splash.MultiHeadMask([mask_kind((length, length)) for _ in range(heads)])
+    mask = splash.MultiHeadMask([mask_kind((length, kv_length)) for _ in range(heads)])
     kernel = splash.make_splash_mha(
       mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
     )
@@ -288,21 +308,23 @@ def _splash_attention(query, key, value, segment_ids, causal: bool, interpret: b
     if segments is None:
       out = jax.vmap(kernel)(q, k, v)
     else:
-      ids = splash.SegmentIds(q=segments, kv=segments)
+      ids = splash.SegmentIds(q=segments, kv=kv_segments)
       out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(q, k, v, ids)
     return jnp.einsum('bhlk->blhk', out)
 
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids
   if jax.sharding.get_abstract_mesh().empty:  # one device's program (pmap, or none)
-    return local(query, key, value, segment_ids)
+    return local(query, key, value, segment_ids, kv_segment_ids)
   spec = nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'kv'))
   rows = jax.sharding.PartitionSpec(spec[0], None)
   segments_spec = None if segment_ids is None else rows
   return jax.shard_map(
     local,
-    in_specs=(spec, spec, spec, segments_spec),
+    in_specs=(spec, spec, spec, segments_spec, segments_spec),
     out_specs=spec,
     check_vma=False,
-  )(query, key, value, segment_ids)
+  )(query, key, value, segment_ids, kv_segment_ids)
 
 
 class SelfAttention(nn.Module):
@@ -389,17 +411,7 @@ class SelfAttention(nn.Module):
     return self._out(out, head_dim, embed_dim)
 
   def _out(self, out, head_dim, embed_dim):
-    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-    return Einsum(
-      (self.num_heads, head_dim, embed_dim),
-      ('heads', 'kv', 'embed'),
-      'blhk,hkd->bld',
-      init_scale=self.out_init_scale,
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name='out',
-    )(out)
+    return output_projection(self, out, head_dim, embed_dim)
 
   def _decode(self, query, key, value, position):
     batch, _, heads, head_dim = key.shape
@@ -413,6 +425,98 @@ class SelfAttention(nn.Module):
     )
     filled = (jnp.arange(self.cache_len) <= position)[None, None, None, :]  # [1, 1, 1, cache]
     return jax.nn.dot_product_attention(query, cached_key.value, cached_value.value, mask=filled)
+
+
+def output_projection(module, out, head_dim: int, embed_dim: int):
+  """The heads [batch, length, heads, kv] projected back to the residual stream,
+  by `module`'s 'out' kernel (self- and cross-attention alike)."""
+  out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
+  return Einsum(
+    (module.num_heads, head_dim, embed_dim),
+    ('heads', 'kv', 'embed'),
+    'blhk,hkd->bld',
+    init_scale=module.out_init_scale,
+    use_bias=module.use_bias,
+    dtype=module.dtype,
+    param_dtype=module.param_dtype,
+    name='out',
+  )(out)
+
+
+class CrossAttention(nn.Module):
+  """A decoder's attention over the encoder's output (T5, BART): queries from
+  x, keys and values from `encoded` [batch, source length, embed]; a query
+  reads the keys of its own segment (`segment_ids` against
+  `encoder_segment_ids`: the same pair of a packed row; 0 = padding). No
+  positions: the encoder's output carries them. With `decode`, the keys and
+  values are computed once, when `encoded` is given (the first step), into the
+  'cache' collection, and read from there at every later step (`encoded` None);
+  the one query then reads every non-padding key."""
+
+  num_heads: int
+  out_init_scale: float = 1.0
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  use_bias: bool = False
+  qkv_bias: bool = False
+  kernel: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, encoded, segment_ids=None, encoder_segment_ids=None, decode=False):
+    embed_dim = x.shape[-1]
+    heads, kv_heads = self.num_heads, self.num_kv_heads or self.num_heads
+    head_dim = self.head_dim or embed_dim // heads
+    einsum = functools.partial(
+      Einsum,
+      use_bias=self.use_bias or self.qkv_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    query = einsum(
+      (embed_dim, heads, head_dim),
+      ('embed', 'heads', 'kv'),
+      'bld,dhk->blhk',
+      bias_dims=2,
+      name='query',
+    )(x)
+    project = einsum(
+      (embed_dim, 2, kv_heads, head_dim),
+      ('embed', 'qkv', 'heads', 'kv'),
+      'bld,dthk->blthk',
+      bias_dims=3,
+      name='key_value',
+    )
+    if not decode:
+      key_value = project(encoded)
+      out = attention(
+        query,
+        key_value[:, :, 0],
+        key_value[:, :, 1],
+        segment_ids,
+        causal=False,
+        kernel=self.kernel,
+        kv_segment_ids=encoder_segment_ids,
+      )
+      return output_projection(self, out, head_dim, embed_dim)
+    if encoded is not None:  # the first step: the cache of the whole source
+      key_value = project(encoded)
+      segments = (
+        jnp.ones(encoded.shape[:2], jnp.int32)
+        if encoder_segment_ids is None
+        else encoder_segment_ids
+      )
+      for name, value in (('cross_key_value', key_value), ('cross_segments', segments)):
+        self.variable('cache', name, lambda v=value: v).value = value
+    elif not self.has_variable('cache', 'cross_key_value'):
+      raise ValueError('cross-attention decodes from a cache: give `encoded` at the first step')
+    key_value = self.get_variable('cache', 'cross_key_value')
+    keep = self.get_variable('cache', 'cross_segments') > 0  # [batch, source]
+    out = xla_attention(
+      query, key_value[:, :, 0], key_value[:, :, 1], keep[:, None, None, :], causal=False
+    )
+    return output_projection(self, out, head_dim, embed_dim)
 
 
 class Mlp(nn.Module):

@@ -4,6 +4,7 @@
   lm        next-token prediction (lmjax.tasks.language)
   mlm       masked-token prediction with the encoder (lmjax.tasks.language)
   classify  one label per text (lmjax.tasks.classify)
+  seq2seq   a target text per source text (lmjax.tasks.seq2seq)
 
 A new task is a new module with a `Task` subclass, listed in REGISTRY below.
 """
@@ -11,12 +12,14 @@ A new task is a new module with a `Task` subclass, listed in REGISTRY below.
 from lmjax.tasks import base
 from lmjax.tasks import classify
 from lmjax.tasks import language
+from lmjax.tasks import seq2seq
 
 Task = base.Task
 TaskData = base.TaskData
 
 REGISTRY = {
-  task.name: task for task in (language.NextToken(), language.MaskedToken(), classify.Classify())
+  task.name: task
+  for task in (language.NextToken(), language.MaskedToken(), classify.Classify(), seq2seq.Seq2Seq())
 }
 TASKS = tuple(REGISTRY)
 

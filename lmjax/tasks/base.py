@@ -41,6 +41,15 @@ def share() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def require_no_encoder_decoder(config, task: str) -> None:
+  """An encoder-decoder maps a source to a target: it serves task='seq2seq' only."""
+  if config.model.family == 'encoder_decoder':
+    raise ValueError(
+      f"model.family='encoder_decoder' maps a source text to a target: it serves "
+      f"task='seq2seq', not task={task!r}"
+    )
+
+
 @dataclasses.dataclass
 class TaskData:
   """A task's training and evaluation splits (train is None when only

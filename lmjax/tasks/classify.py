@@ -71,6 +71,9 @@ class Classify(base.Task):
   baseline_name = 'majority-class accuracy'
   baseline_key = 'majority_baseline'
 
+  def check(self, config) -> None:
+    base.require_no_encoder_decoder(config, self.name)
+
   def load(self, config, tokenizer, splits=None) -> LabelledData:
     data = config.data
     train_split, eval_split = splits or (data.train_split, data.eval_split)

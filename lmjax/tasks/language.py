@@ -49,6 +49,7 @@ class NextToken(base.Task):
         "model.family='encoder' is bidirectional: it cannot predict the next "
         "token; use task='mlm' (or 'classify')"
       )
+    base.require_no_encoder_decoder(config, self.name)
 
   def masking(self, config, vocab_size: int) -> pipeline.Masking | None:
     return None
