@@ -17,6 +17,7 @@ from lmjax import cpu_host
 from lmjax import evaluate
 from lmjax import generation
 from lmjax.data import cleaning
+from lmjax.tasks import seq2seq as seq2seq_task
 
 filter_logits = generation.filter_logits
 generate = generation.generate
@@ -77,6 +78,9 @@ def _main(argv):
     restored.model,
     restored.params,
   )
+  if config.task == 'seq2seq':
+    _summarize(flag_values, restored)
+    return
   if not restored.task.generates_text:
     sys.exit(
       f'error: {flag_values.workdir} trained task={config.task!r} '
@@ -87,10 +91,7 @@ def _main(argv):
   for name in ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'):
     if flag_values[name].present:
       sample_config[name] = flag_values[name].value
-  prompts = list(flag_values.prompt or [])
-  if flag_values.prompt_file:
-    with open(flag_values.prompt_file, encoding='utf-8') as f:
-      prompts += [line.rstrip('\n') for line in f if line.strip()]
+  prompts = _prompts(flag_values)
   try:
     texts = sample_text(
       params,
@@ -105,6 +106,34 @@ def _main(argv):
     sys.exit(str(error))
   for i, text in enumerate(texts):
     print(f'--- sample {i} (step {restored.step}) ---\n{text}')
+
+
+def _prompts(flag_values) -> list[str]:
+  prompts = list(flag_values.prompt or [])
+  if flag_values.prompt_file:
+    with open(flag_values.prompt_file, encoding='utf-8') as f:
+      prompts += [line.rstrip('\n') for line in f if line.strip()]
+  return prompts
+
+
+def _summarize(flag_values, restored) -> None:
+  """A seq2seq run: each prompt is a source; prints the target generated for it
+  (the run's seq2seq decoding, or --beam_size / --length_penalty / --temperature)."""
+  config = restored.config
+  sources = [cleaning.clean(p, config.data.clean) for p in _prompts(flag_values)]
+  if not sources:
+    sys.exit('error: a seq2seq run generates a target per source: give --prompt or --prompt_file')
+  for name in ('beam_size', 'length_penalty', 'temperature'):
+    if flag_values[name].present:
+      config.seq2seq[name] = flag_values[name].value
+  try:
+    targets = seq2seq_task.generate_targets(
+      restored.params, restored.model, restored.tokenizer, config, sources, 32
+    )
+  except ValueError as error:
+    sys.exit(f'error: {error}')
+  for i, (source, target) in enumerate(zip(sources, targets)):
+    print(f'--- source {i} (step {restored.step}) ---\n{source}\n--- target ---\n{target}')
 
 
 def run():
@@ -126,6 +155,8 @@ def run():
   flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens (0 = all).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_integer('num_samples', 1, 'Samples to draw.')
+  flags.DEFINE_integer('beam_size', 0, 'A seq2seq run: beam search of this many beams (0 = none).')
+  flags.DEFINE_float('length_penalty', 0.0, "A seq2seq run's beam search: GNMT's alpha.")
   app.run(_main)
 
 

@@ -462,13 +462,69 @@ def test_resume_is_bitwise(pair_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_decoder_only_lstm_trains_on_single_rows(pair_files, tmp_path):
-  config = seq2seq_config(
-    pair_files, tmp_path, **{'model.family': 'lstm', 'model.embed_dim': 128, 'train.num_steps': 200}
-  )
-  result = train.train_and_evaluate(config, str(tmp_path / 'lstm'))
+@pytest.mark.parametrize('family', ['lstm', 'gru', 'rnn'])
+def test_decoder_only_recurrent_models_train_on_single_rows(family, pair_files, tmp_path):
+  overrides = {'model.family': family, 'train.num_steps': 150, 'seq2seq.eval_examples': 8}
+  config = seq2seq_config(pair_files, tmp_path, **overrides)
   assert seq2seq.packed_rows(config) is False
-  assert result['loss'] < 2.0 and result['rouge1'] > 0.3
+  result = train.train_and_evaluate(config, str(tmp_path / family))
+  untrained = seq2seq_config(pair_files, tmp_path, **{**overrides, 'train.num_steps': 1})
+  before = train.train_and_evaluate(untrained, str(tmp_path / f'{family}0'))
+  assert result['loss'] < before['loss'] - 0.8
+  assert result['generated'] == 8 and 0 <= result['rouge1'] <= 1
+
+
+@pytest.mark.slow
+def test_an_imported_hugging_face_model_fine_tunes_on_pairs_with_a_text_separator(
+  pair_files, tmp_path
+):
+  """The imported vocabulary is fixed: SEP is text (seq2seq.separator), so the
+  model keeps the pre-trained shapes and init_from restores every parameter."""
+  from test_hf import build
+
+  from lmjax import hf
+
+  build('gpt2', tmp_path / 'hf')
+  base = tiny_config(pair_files, **{'data.seq_len': 48})
+  hf.import_model(str(tmp_path / 'hf'), str(tmp_path / 'run'), base, log=lambda m: None)
+  config = config_lib.load_config_file(f'configs/finetune_hf.py:{tmp_path / "run"}')
+  settings = {
+    'task': 'seq2seq',
+    'data.name': 'files',
+    'data.files': str(pair_files / 'train.jsonl'),
+    'data.validation_files': str(pair_files / 'valid.jsonl'),
+    'data.cache_dir': str(tmp_path / 'cache'),
+    'data.seq_len': 48,
+    'seq2seq.separator': ' =',
+    'seq2seq.max_target_tokens': 16,
+    'seq2seq.eval_examples': 8,
+    'finetune.mode': 'full',
+    'optimizer.learning_rate': 1e-2,
+    'optimizer.warmup_steps': 5,
+    'train.batch_size': 16,
+    'train.eval_batch_size': 16,
+    'train.eval_every': 0,
+    'checkpoint.every': 1000,
+    'sample.max_new_tokens': 0,
+    'compilation_cache_dir': '',
+  }
+  for key, value in settings.items():
+    config_lib.set_value(config, key, value)
+  before = train.train_and_evaluate(
+    dict_config(config, **{'train.num_steps': 1}), str(tmp_path / 'before')
+  )
+  after = train.train_and_evaluate(
+    dict_config(config, **{'train.num_steps': 100}), str(tmp_path / 'after')
+  )
+  assert after['loss'] < before['loss'] - 1.0
+  assert after['generated'] == 8
+
+
+def dict_config(config, **overrides):
+  copy = config_lib.from_json(config_lib.to_json(config))
+  for key, value in overrides.items():
+    config_lib.set_value(copy, key, value)
+  return copy
 
 
 def test_families_and_rows_that_cannot_serve_a_task_are_clear_errors(pair_files, tmp_path):
