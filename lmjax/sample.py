@@ -17,7 +17,6 @@ from lmjax import cpu_host
 from lmjax import evaluate
 from lmjax import generation
 from lmjax.data import cleaning
-from lmjax.tasks import seq2seq as seq2seq_task
 
 filter_logits = generation.filter_logits
 generate = generation.generate
@@ -78,7 +77,7 @@ def _main(argv):
     restored.model,
     restored.params,
   )
-  if config.task == 'seq2seq':
+  if restored.task.generates_targets:
     _summarize(flag_values, restored)
     return
   if not restored.task.generates_text:
@@ -117,8 +116,9 @@ def _prompts(flag_values) -> list[str]:
 
 
 def _summarize(flag_values, restored) -> None:
-  """A seq2seq run: each prompt is a source; prints the target generated for it
-  (the run's seq2seq decoding, or --beam_size / --length_penalty / --temperature)."""
+  """A run whose task generates targets (seq2seq): each prompt is a source, and
+  the target generated for it is printed (the run's seq2seq decoding, or
+  --beam_size / --length_penalty / --temperature)."""
   config = restored.config
   sources = [cleaning.clean(p, config.data.clean) for p in _prompts(flag_values)]
   if not sources:
@@ -127,8 +127,8 @@ def _summarize(flag_values, restored) -> None:
     if flag_values[name].present:
       config.seq2seq[name] = flag_values[name].value
   try:
-    targets = seq2seq_task.generate_targets(
-      restored.params, restored.model, restored.tokenizer, config, sources, 32
+    targets = restored.task.generate_targets(
+      config, restored.params, restored.model, restored.tokenizer, sources, 32
     )
   except ValueError as error:
     sys.exit(f'error: {error}')

@@ -68,6 +68,11 @@ class Task:
   baseline_name: str  # what TaskData.baseline measures, for the log
   baseline_key: str  # its key in the final evaluation's metrics
   generates_text: bool = False  # sample text at the end of training (lmjax.sample)
+  generates_targets: bool = False  # lmjax.sample maps each prompt (a source) to a target
+
+  def generate_targets(self, config, params, model, tokenizer, sources, batch_size: int):
+    """A target text per source text (tasks that generate targets)."""
+    raise NotImplementedError
 
   def check(self, config) -> None:
     """Raises ValueError if the family or layout cannot serve this task (no I/O)."""

@@ -114,6 +114,10 @@ class Seq2Seq(base.Task):
   name = 'seq2seq'
   baseline_name = 'lead-3 ROUGE-L'
   baseline_key = 'lead3_rougeL'
+  generates_targets = True
+
+  def generate_targets(self, config, params, model, tokenizer, sources, batch_size: int):
+    return generate_targets(params, model, tokenizer, config, sources, batch_size)
 
   def check(self, config) -> None:
     family = config.model.family
