@@ -420,6 +420,7 @@ def trained(pair_files, tmp_path_factory):
   return base, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', ['transformer', 'encoder_decoder'])
 def test_a_tiny_model_learns_the_extractive_task_far_above_the_untrained_one(trained, family):
   _, results = trained
@@ -434,6 +435,7 @@ def test_a_tiny_model_learns_the_extractive_task_far_above_the_untrained_one(tra
   assert 0 < result['lead3_rougeL'] == untrained['lead3_rougeL'] < 1
 
 
+@pytest.mark.slow
 def test_lmjax_evaluate_reports_rouge_and_lead_3(trained):
   base, results = trained
   result = evaluate.evaluate_checkpoint(str(base / 'transformer'), eval_examples=16, log=print)
