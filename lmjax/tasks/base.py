@@ -24,6 +24,7 @@ from lmjax import derived as derived_lib
 from lmjax import models
 
 # The data layer (TensorFlow) loads when a task first reads data.
+corpora = data_layer.lazy('lmjax.data.corpora')
 pipeline = data_layer.lazy('lmjax.data.pipeline')
 
 
@@ -142,3 +143,30 @@ class Task:
   def describe(self, result: dict) -> str:
     """One log line's worth of an evaluation."""
     raise NotImplementedError
+
+
+class RowsTask(Task):
+  """A task whose training split is whole rows read by index (`data.train.rows`:
+  labelled texts, text pairs): an epoch is its full batches, and the batches of
+  a step are `pipeline.row_batches`'. `rows_are` names the rows in errors."""
+
+  rows_are = 'examples'
+
+  def steps_per_epoch(self, config, data) -> int:
+    per_epoch = len(data.train) // config.train.batch_size
+    if not per_epoch:
+      raise corpora.CorpusError(
+        f'the training split has {len(data.train)} {self.rows_are}; one batch needs '
+        f'{config.train.batch_size}'
+      )
+    return per_epoch
+
+  def train_batches(self, config, data, start_step):
+    return pipeline.row_batches(
+      data.train.rows,
+      config.train.batch_size,
+      config.seed,
+      start_step,
+      jax.process_index(),
+      jax.process_count(),
+    )

@@ -66,7 +66,7 @@ class LabelledData(base.TaskData):
   classes: labelled.Classes | None = None
 
 
-class Classify(base.Task):
+class Classify(base.RowsTask):
   name = 'classify'
   baseline_name = 'majority-class accuracy'
   baseline_key = 'majority_baseline'
@@ -122,15 +122,6 @@ class Classify(base.Task):
     )
     return LabelledData(None, loaded[split], float('nan'), '', classes)
 
-  def steps_per_epoch(self, config, data) -> int:
-    per_epoch = len(data.train) // config.train.batch_size
-    if not per_epoch:
-      raise corpora.CorpusError(
-        f'the training split has {len(data.train)} examples; one batch needs '
-        f'{config.train.batch_size}'
-      )
-    return per_epoch
-
   def derive(self, config, tokenizer, data) -> derived_lib.Derived:
     record = super().derive(config, tokenizer, data)
     return derived_lib.Derived(
@@ -149,16 +140,6 @@ class Classify(base.Task):
       )
     record = super().from_shapes(config, vocab_size)
     return derived_lib.Derived(**{**record.to_json(), 'num_classes': config.classify.num_classes})
-
-  def train_batches(self, config, data, start_step):
-    return pipeline.row_batches(
-      data.train.rows,
-      config.train.batch_size,
-      config.seed,
-      start_step,
-      jax.process_index(),
-      jax.process_count(),
-    )
 
   def batch_shapes(self, config, batch_size: int) -> dict:
     rows = (batch_size, config.data.seq_len)

@@ -110,7 +110,8 @@ def rouge_report(predictions, references, sources) -> dict:
   return result
 
 
-class Seq2Seq(base.Task):
+class Seq2Seq(base.RowsTask):
+  rows_are = 'rows of pairs'
   name = 'seq2seq'
   baseline_name = 'lead-3 ROUGE-L'
   baseline_key = 'lead3_rougeL'
@@ -182,25 +183,6 @@ class Seq2Seq(base.Task):
     rows = layout(config, tokenizer)
     evaluated = pairs.load(config.data, tokenizer, rows, split, base.log, base.share())
     return base.TaskData(None, evaluated, float('nan'), '')
-
-  def steps_per_epoch(self, config, data) -> int:
-    per_epoch = len(data.train) // config.train.batch_size
-    if not per_epoch:
-      raise corpora.CorpusError(
-        f'the training split has {len(data.train)} rows of pairs; one batch needs '
-        f'{config.train.batch_size}'
-      )
-    return per_epoch
-
-  def train_batches(self, config, data, start_step):
-    return pipeline.row_batches(
-      data.train.rows,
-      config.train.batch_size,
-      config.seed,
-      start_step,
-      jax.process_index(),
-      jax.process_count(),
-    )
 
   def batch_shapes(self, config, batch_size: int) -> dict:
     s = config.seq2seq
